@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# A small corpus with enough structure to learn quickly and enough lines for word-level work.
+_LINES = [
+    "the quick brown fox jumps over the lazy dog",
+    "a stitch in time saves nine",
+    "def add(a, b):",
+    "    return a + b",
+    "to be or not to be that is the question",
+]
+
+
+@pytest.fixture(scope="session")
+def corpus_text() -> str:
+    return "\n".join(_LINES * 60) + "\n"
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path, corpus_text: str) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(corpus_text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -> Path:
+    """A tiny char model trained once for the tests that need a checkpoint."""
+    from training.run import run_train
+
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "corpus.txt"
+    data.write_text(corpus_text, encoding="utf-8")
+    run_train({"hidden_size": 48, "embedding_size": 16}, {"path": str(data)},
+              {"batch_size": 4, "bptt": 32, "max_steps": 40, "eval_every": 20, "lr": 1e-2},
+              root / "run", progress=False)
+    return root / "run"

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from textgen.errors import InvalidInputError
+from textgen.sampling import SamplingParams, new_rng, sample_token
+
+LOGITS = np.array([1.0, 3.0, 2.0, 0.5, -1.0, 2.9], dtype=np.float32)
+
+
+def draws(params: SamplingParams, seed: int, n: int, logits: np.ndarray = LOGITS) -> list[int]:
+    rng = new_rng(seed)
+    return [sample_token(logits, params, rng) for _ in range(n)]
+
+
+def test_greedy_is_argmax_and_draws_no_random_number() -> None:
+    rng = new_rng(7)
+    before = rng.bit_generator.state
+    assert sample_token(LOGITS, SamplingParams(temperature=0), rng) == 1
+    assert rng.bit_generator.state == before
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens() -> None:
+    p = SamplingParams(temperature=1.5)
+    assert draws(p, 3, 200) == draws(p, 3, 200)
+    assert draws(p, 3, 200) != draws(p, 4, 200)
+
+
+def test_frequencies_follow_the_softmax() -> None:
+    p = SamplingParams(temperature=1.0)
+    counts = np.bincount(draws(p, 0, 40_000), minlength=len(LOGITS)) / 40_000
+    expected = np.exp(LOGITS - LOGITS.max())
+    expected /= expected.sum()
+    assert np.allclose(counts, expected, atol=0.01)
+
+
+def test_top_k_restricts_the_support() -> None:
+    assert set(draws(SamplingParams(top_k=2), 1, 500)) == {1, 5}
+    assert set(draws(SamplingParams(top_k=1), 1, 50)) == {1}
+
+
+def test_top_p_keeps_the_smallest_nucleus() -> None:
+    probs = np.exp(LOGITS - LOGITS.max())
+    probs /= probs.sum()
+    # tokens 1 and 5 hold about 0.63 of the mass; 0.5 needs both of them, 0.1 only the first
+    assert set(draws(SamplingParams(top_p=0.5), 2, 500)) == {1, 5}
+    assert set(draws(SamplingParams(top_p=0.1), 2, 50)) == {1}
+
+
+def test_repetition_penalty_moves_mass_away_from_seen_tokens() -> None:
+    seen = np.zeros(len(LOGITS), dtype=bool)
+    seen[[1, 5]] = True
+    greedy = SamplingParams(temperature=0, repetition_penalty=2.0)
+    assert sample_token(LOGITS, greedy, new_rng(0), seen) == 2
+    negative = np.array([-1.0, -1.5], dtype=np.float32)  # a negative logit is multiplied: -1 -> -2
+    assert sample_token(negative, greedy, new_rng(0), np.array([True, False])) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [({"temperature": -0.1}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_p": 0.0}, "top_p"),
+     ({"top_p": 1.5}, "top_p"), ({"repetition_penalty": 0.0}, "repetition_penalty")],
+)
+def test_out_of_range_parameters_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(InvalidInputError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_seed_range() -> None:
+    with pytest.raises(InvalidInputError, match="seed"):
+        new_rng(-1)

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from textgen.errors import DataError
+from textgen.tokenizer import EOS, REPLACEMENT_CHAR, UNK, Level, TextTokenizer, count_tokens
+
+CHAR_TEXT = "def f(x):\n\treturn x * 2  # é, 日本, emoji 🙂\n"
+WORD_TEXT = "the cat sat\non the mat\n\nthe end\n"
+
+
+def build(level: Level, text: str, **kw: object) -> TextTokenizer:
+    return TextTokenizer.build(level, count_tokens(level, text), **kw)  # type: ignore[arg-type]
+
+
+def test_char_round_trip_keeps_every_code_point() -> None:
+    tok = build(Level.CHAR, CHAR_TEXT)
+    ids = tok.encode(CHAR_TEXT)
+    assert len(ids) == len(CHAR_TEXT)
+    assert tok.decode(ids) == CHAR_TEXT
+    assert tok.id_to_token[0] == UNK
+
+
+def test_char_unknown_becomes_unk_and_decodes_to_replacement_char() -> None:
+    tok = build(Level.CHAR, "abc\n")
+    ids = tok.encode("abz")
+    assert ids[-1] == tok.unk_id
+    assert tok.decode(ids) == "ab" + REPLACEMENT_CHAR
+
+
+def test_char_literal_unk_text_is_five_characters() -> None:
+    tok = build(Level.CHAR, "<unk> x\n")
+    assert len(tok.encode("<unk>")) == 5
+
+
+def test_word_round_trip_with_eos_per_line() -> None:
+    tok = build(Level.WORD, WORD_TEXT)
+    ids = tok.encode(WORD_TEXT)
+    tokens = [tok.id_to_token[i] for i in ids]
+    assert tokens == ["the", "cat", "sat", EOS, "on", "the", "mat", EOS, EOS, "the", "end", EOS]
+    assert tok.decode(ids) == WORD_TEXT
+    assert tok.start_id == tok.eos_id
+
+
+def test_word_whitespace_is_normalised_and_unknown_words_map_to_unk() -> None:
+    tok = build(Level.WORD, WORD_TEXT)
+    ids = tok.encode("  the   dog\tsat ")
+    assert [tok.id_to_token[i] for i in ids] == ["the", UNK, "sat"]
+    assert tok.decode(ids) == "the <unk> sat"
+
+
+def test_pieces_join_to_decode_from_any_split_point() -> None:
+    for level, text in ((Level.CHAR, CHAR_TEXT), (Level.WORD, WORD_TEXT)):
+        tok = build(level, text)
+        ids = list(tok.encode(text))
+        for cut in range(1, len(ids)):
+            head = tok.decode(ids[:cut])
+            tail = "".join(tok.pieces(ids[cut:], after=ids[cut - 1]))
+            assert head + tail == tok.decode(ids)
+
+
+@pytest.mark.parametrize("level,text", [(Level.CHAR, CHAR_TEXT), (Level.WORD, WORD_TEXT)])
+def test_json_round_trip_and_plain_tokenizers_library_agree(level: Level, text: str) -> None:
+    tok = build(level, text)
+    again = TextTokenizer.from_json(level, tok.to_json())
+    assert again == tok
+    plain = Tokenizer.from_str(tok.to_json())  # what a stranger's code would do
+    assert plain.encode(text).ids == list(tok.encode(text))
+
+
+def test_vocabulary_order_cap_and_min_freq() -> None:
+    text = "aaaa bbb cc d\n"
+    tok = build(Level.CHAR, text)
+    assert tok.id_to_token[:3] == [UNK, "a", " "]  # by falling frequency, ties by code point
+    capped = build(Level.CHAR, text, max_size=3)
+    assert capped.vocab_size == 3
+    assert capped.decode(capped.encode("ab")) == "a" + REPLACEMENT_CHAR
+    frequent = build(Level.WORD, "x x y\nx z\n", min_freq=2)
+    assert frequent.id_to_token == [UNK, EOS, "x"]
+
+
+def test_word_vocabulary_of_only_unk_is_an_error() -> None:
+    with pytest.raises(DataError, match="only <unk>"):
+        build(Level.WORD, "a b c\n", min_freq=5)
+
+
+def test_long_text_is_encoded_in_chunks_without_changing_ids() -> None:
+    line = "alpha beta gamma delta " * 40 + "\n"
+    text = line * 200  # well over one encoding chunk
+    for level in Level:
+        tok = build(level, line)
+        ids = tok.encode(text)
+        single = np.concatenate([tok.encode(line)] * 200)
+        assert np.array_equal(ids, single)
