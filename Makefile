@@ -28,6 +28,7 @@ serve: $(RUN_DIR)/best.pt
 	$(BIN)/textgen sample $(RUN_DIR)/best.pt --prompt 'def ' --max-tokens 600 --temperature 0.7 --seed 1
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 lint: $(BIN)/.installed

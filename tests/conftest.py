@@ -34,7 +34,11 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -> P
     root = tmp_path_factory.mktemp("trained")
     data = root / "corpus.txt"
     data.write_text(corpus_text, encoding="utf-8")
-    run_train({"hidden_size": 48, "embedding_size": 16}, {"path": str(data)},
-              {"batch_size": 4, "bptt": 32, "max_steps": 40, "eval_every": 20, "lr": 1e-2},
-              root / "run", progress=False)
+    run_train(
+        {"hidden_size": 48, "embedding_size": 16},
+        {"path": str(data)},
+        {"batch_size": 4, "bptt": 32, "max_steps": 40, "eval_every": 20, "lr": 1e-2},
+        root / "run",
+        progress=False,
+    )
     return root / "run"

@@ -30,10 +30,11 @@ def test_directory_of_files_in_sorted_order(tmp_path: Path) -> None:
     assert splits.sources == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
 
 
-@pytest.mark.parametrize("names", [("train.txt", "valid.txt", "test.txt"),
-                                   ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")])
+@pytest.mark.parametrize(
+    "names", [("train.txt", "valid.txt", "test.txt"), ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")]
+)
 def test_directory_with_split_files_uses_them(tmp_path: Path, names: tuple[str, str, str]) -> None:
-    for name, body in zip(names, ("tr a\n", "va b\n", "te c\n")):
+    for name, body in zip(names, ("tr a\n", "va b\n", "te c\n"), strict=False):
         (tmp_path / name).write_text(body)
     splits = load_splits(DataConfig(path=str(tmp_path), level="word"))
     assert (splits.train, splits.valid, splits.test) == ("tr a\n", "va b\n", "te c\n")
@@ -59,14 +60,14 @@ def test_default_corpus_is_the_stdlib_in_a_fixed_order() -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(NotFoundError, match="not found.*nope.txt"):
+    with pytest.raises(NotFoundError, match=r"not found.*nope\.txt"):
         load_splits(DataConfig(path=str(tmp_path / "nope.txt")))
 
 
 def test_empty_file(tmp_path: Path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n\n")
-    with pytest.raises(DataError, match="empty.*empty.txt"):
+    with pytest.raises(DataError, match=r"empty.*empty\.txt"):
         load_splits(DataConfig(path=str(empty)))
 
 

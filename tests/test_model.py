@@ -27,7 +27,7 @@ def test_state_carries_across_chunks(cell: str) -> None:
     first, state = model(tokens[:, :4], model.init_state(2))
     second, chunk_state = model(tokens[:, 4:], state)
     assert torch.allclose(torch.cat([first, second], 1), whole, atol=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(chunk_state, whole_state))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(chunk_state, whole_state, strict=False))
 
 
 def test_tied_weights_share_one_matrix() -> None:
@@ -45,9 +45,12 @@ def test_lstm_forget_gate_starts_open() -> None:
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [({"cell": "transformer"}, "unknown cell type 'transformer'"),
-     ({"tie_weights": True, "hidden_size": 8, "embedding_size": 4}, "embedding size = hidden size"),
-     ({"dropout": 1.0}, "dropout"), ({"num_layers": 0}, "num_layers")],
+    [
+        ({"cell": "transformer"}, "unknown cell type 'transformer'"),
+        ({"tie_weights": True, "hidden_size": 8, "embedding_size": 4}, "embedding size = hidden size"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"num_layers": 0}, "num_layers"),
+    ],
 )
 def test_bad_configs(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -59,8 +59,13 @@ def test_repetition_penalty_moves_mass_away_from_seen_tokens() -> None:
 
 @pytest.mark.parametrize(
     "kwargs,field",
-    [({"temperature": -0.1}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_p": 0.0}, "top_p"),
-     ({"top_p": 1.5}, "top_p"), ({"repetition_penalty": 0.0}, "repetition_penalty")],
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ],
 )
 def test_out_of_range_parameters_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(InvalidInputError, match=field):

@@ -67,8 +67,7 @@ def sample_token(
     x = np.asarray(logits, dtype=np.float64).copy()
     if params.repetition_penalty != 1.0 and seen is not None and seen.any():
         penalised = x[seen]
-        x[seen] = np.where(penalised > 0, penalised / params.repetition_penalty,
-                           penalised * params.repetition_penalty)
+        x[seen] = np.where(penalised > 0, penalised / params.repetition_penalty, penalised * params.repetition_penalty)
     if params.greedy:
         return int(np.argmax(x))
     x /= params.temperature

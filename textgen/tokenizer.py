@@ -175,12 +175,15 @@ class TextTokenizer:
         return out
 
     def describe(self) -> dict[str, object]:
-        return {"level": self.level.value, "vocab_size": self.vocab_size, "unk": UNK,
-                "eos": EOS if self.level is Level.WORD else None}
+        return {
+            "level": self.level.value,
+            "vocab_size": self.vocab_size,
+            "unk": UNK,
+            "eos": EOS if self.level is Level.WORD else None,
+        }
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, TextTokenizer) and self.level is other.level
-                and self.id_to_token == other.id_to_token)
+        return isinstance(other, TextTokenizer) and self.level is other.level and self.id_to_token == other.id_to_token
 
     def __hash__(self) -> int:
         return hash((self.level, tuple(self.id_to_token)))

@@ -35,12 +35,14 @@ def _flag(group: Any, flag: str, section: str, name: str, help: str, cls: type |
     """A flag stored as ``section__name``; absent flags stay absent, so a resume can tell what was given."""
     if cls is not None and "default: " not in help:
         help = f"{help} (default: {_default(cls, name)})"
+    if "action" not in kw and "choices" not in kw:
+        kw.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
     group.add_argument(flag, dest=f"{section}__{name}", default=argparse.SUPPRESS, help=help, **kw)
 
 
 def _section(args: argparse.Namespace, section: str) -> dict[str, Any]:
     prefix = f"{section}__"
-    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix)}
 
 
 def register(commands: Any) -> None:
@@ -58,88 +60,238 @@ def _register_train(commands: Any) -> None:
         "last.pt at the next step boundary; --resume continues exactly where it stopped.",
     )
     d = p.add_argument_group("data")
-    _flag(d, "--data", "data", "path", "a text file (split by position), a directory of text files, or a "
-          "directory holding train/valid/test files (ptb.train.txt ... or train.txt ...) (default: the "
-          "Python standard library's source)", metavar="PATH")
-    _flag(d, "--valid-data", "data", "valid_path", "explicit validation file (with --test-data; --data is then "
-          "the training file) (default: none)", metavar="FILE")
+    _flag(
+        d,
+        "--data",
+        "data",
+        "path",
+        "a text file (split by position), a directory of text files, or a "
+        "directory holding train/valid/test files (ptb.train.txt ... or train.txt ...) (default: the "
+        "Python standard library's source)",
+        metavar="PATH",
+    )
+    _flag(
+        d,
+        "--valid-data",
+        "data",
+        "valid_path",
+        "explicit validation file (with --test-data; --data is then the training file) (default: none)",
+        metavar="FILE",
+    )
     _flag(d, "--test-data", "data", "test_path", "explicit test file (default: none)", metavar="FILE")
     _flag(d, "--level", "data", "level", "tokenization level", DataConfig, choices=("char", "word"))
-    _flag(d, "--split", "data", "split", "train,valid,test fractions of a single corpus, cut by position "
-          "(default: 0.9,0.05,0.05)", type=_split_arg, metavar="F,F,F")
+    _flag(
+        d,
+        "--split",
+        "data",
+        "split",
+        "train,valid,test fractions of a single corpus, cut by position (default: 0.9,0.05,0.05)",
+        type=_split_arg,
+        metavar="F,F,F",
+    )
     _flag(d, "--glob", "data", "glob", "file pattern inside a --data directory", DataConfig)
-    _flag(d, "--max-chars", "data", "max_chars", "read at most this many characters of the corpus "
-          "(default: 4,000,000 for the standard library, else no cap)", type=int, metavar="N")
-    _flag(d, "--vocab-size", "data", "vocab_size", "keep only the N most frequent tokens, <unk> included "
-          "(default: no cap)", type=int, metavar="N")
-    _flag(d, "--min-freq", "data", "min_freq", "drop tokens seen fewer than N times in the training split",
-          DataConfig, type=int, metavar="N")
+    _flag(
+        d,
+        "--max-chars",
+        "data",
+        "max_chars",
+        "read at most this many characters of the corpus (default: 4,000,000 for the standard library, else no cap)",
+        type=int,
+        metavar="N",
+    )
+    _flag(
+        d,
+        "--vocab-size",
+        "data",
+        "vocab_size",
+        "keep only the N most frequent tokens, <unk> included (default: no cap)",
+        type=int,
+        metavar="N",
+    )
+    _flag(
+        d,
+        "--min-freq",
+        "data",
+        "min_freq",
+        "drop tokens seen fewer than N times in the training split",
+        DataConfig,
+        type=int,
+        metavar="N",
+    )
 
     m = p.add_argument_group("model")
     _flag(m, "--cell", "model", "cell", "recurrent cell type (default: lstm)", choices=CELLS)
-    _flag(m, "--layers", "model", "num_layers", "number of stacked recurrent layers (default: 2)", type=int,
-          metavar="N")
+    _flag(
+        m, "--layers", "model", "num_layers", "number of stacked recurrent layers (default: 2)", type=int, metavar="N"
+    )
     _flag(m, "--hidden", "model", "hidden_size", "hidden units per layer (default: 256)", type=int, metavar="N")
-    _flag(m, "--embedding", "model", "embedding_size", "embedding size (default: 64 for char, the hidden size "
-          "for word or with --tie-weights)", type=int, metavar="N")
-    _flag(m, "--dropout", "model", "dropout", "dropout on the embedding, between layers and before the "
-          "decoder (default: 0.0)", type=float, metavar="P")
-    _flag(m, "--tie-weights", "model", "tie_weights", "share the embedding matrix with the decoder "
-          "(default: off)", action="store_const", const=True)
+    _flag(
+        m,
+        "--embedding",
+        "model",
+        "embedding_size",
+        "embedding size (default: 64 for char, the hidden size for word or with --tie-weights)",
+        type=int,
+        metavar="N",
+    )
+    _flag(
+        m,
+        "--dropout",
+        "model",
+        "dropout",
+        "dropout on the embedding, between layers and before the decoder (default: 0.0)",
+        type=float,
+        metavar="P",
+    )
+    _flag(
+        m,
+        "--tie-weights",
+        "model",
+        "tie_weights",
+        "share the embedding matrix with the decoder (default: off)",
+        action="store_const",
+        const=True,
+    )
 
     t = p.add_argument_group("training")
-    _flag(t, "--batch-size", "train", "batch_size", "parallel streams per step", TrainConfig, type=int,
-          metavar="N")
+    _flag(t, "--batch-size", "train", "batch_size", "parallel streams per step", TrainConfig, type=int, metavar="N")
     _flag(t, "--bptt", "train", "bptt", "truncated-BPTT window in tokens", TrainConfig, type=int, metavar="N")
-    _flag(t, "--max-steps", "train", "max_steps", "optimizer steps in the run (also the cosine schedule's "
-          "length)", TrainConfig, type=int, metavar="N")
-    p.add_argument("--epochs", type=int, default=None, metavar="N",
-                   help="train for N passes over the training split (sets --max-steps)")
+    _flag(
+        t,
+        "--max-steps",
+        "train",
+        "max_steps",
+        "optimizer steps in the run (also the cosine schedule's length)",
+        TrainConfig,
+        type=int,
+        metavar="N",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train for N passes over the training split (sets --max-steps)",
+    )
     _flag(t, "--optimizer", "train", "optimizer", "optimizer", TrainConfig, choices=OPTIMIZERS)
     _flag(t, "--lr", "train", "lr", "peak learning rate", TrainConfig, type=float)
-    _flag(t, "--weight-decay", "train", "weight_decay", "decoupled weight decay (AdamW) or L2 (SGD)",
-          TrainConfig, type=float)
+    _flag(
+        t,
+        "--weight-decay",
+        "train",
+        "weight_decay",
+        "decoupled weight decay (AdamW) or L2 (SGD)",
+        TrainConfig,
+        type=float,
+    )
     _flag(t, "--momentum", "train", "momentum", "SGD momentum", TrainConfig, type=float)
     _flag(t, "--clip", "train", "clip", "gradient-norm clipping threshold, 0 to disable", TrainConfig, type=float)
-    _flag(t, "--schedule", "train", "schedule", "learning-rate schedule: cosine (with warm-up), plateau "
-          "(decay when validation stalls) or constant", TrainConfig, choices=SCHEDULES)
+    _flag(
+        t,
+        "--schedule",
+        "train",
+        "schedule",
+        "learning-rate schedule: cosine (with warm-up), plateau (decay when validation stalls) or constant",
+        TrainConfig,
+        choices=SCHEDULES,
+    )
     _flag(t, "--warmup-steps", "train", "warmup_steps", "linear warm-up steps (cosine)", TrainConfig, type=int)
-    _flag(t, "--min-lr-ratio", "train", "min_lr_ratio", "cosine floor as a fraction of --lr", TrainConfig,
-          type=float)
-    _flag(t, "--plateau-factor", "train", "plateau_factor", "plateau: multiply the lr by this", TrainConfig,
-          type=float)
-    _flag(t, "--plateau-patience", "train", "plateau_patience", "plateau: evaluations without improvement "
-          "before a decay", TrainConfig, type=int)
-    _flag(t, "--eval-every", "train", "eval_every", "evaluate and checkpoint every N steps", TrainConfig,
-          type=int, metavar="N")
-    _flag(t, "--eval-batch-size", "train", "eval_batch_size", "streams used for evaluation", TrainConfig,
-          type=int, metavar="N")
-    _flag(t, "--patience", "train", "patience", "stop early after N evaluations without improvement "
-          "(0: never)", TrainConfig, type=int, metavar="N")
-    _flag(t, "--log-every", "train", "log_every", "write training metrics every N steps", TrainConfig,
-          type=int, metavar="N")
+    _flag(t, "--min-lr-ratio", "train", "min_lr_ratio", "cosine floor as a fraction of --lr", TrainConfig, type=float)
+    _flag(t, "--plateau-factor", "train", "plateau_factor", "plateau: multiply the lr by this", TrainConfig, type=float)
+    _flag(
+        t,
+        "--plateau-patience",
+        "train",
+        "plateau_patience",
+        "plateau: evaluations without improvement before a decay",
+        TrainConfig,
+        type=int,
+    )
+    _flag(
+        t,
+        "--eval-every",
+        "train",
+        "eval_every",
+        "evaluate and checkpoint every N steps",
+        TrainConfig,
+        type=int,
+        metavar="N",
+    )
+    _flag(
+        t,
+        "--eval-batch-size",
+        "train",
+        "eval_batch_size",
+        "streams used for evaluation",
+        TrainConfig,
+        type=int,
+        metavar="N",
+    )
+    _flag(
+        t,
+        "--patience",
+        "train",
+        "patience",
+        "stop early after N evaluations without improvement (0: never)",
+        TrainConfig,
+        type=int,
+        metavar="N",
+    )
+    _flag(
+        t,
+        "--log-every",
+        "train",
+        "log_every",
+        "write training metrics every N steps",
+        TrainConfig,
+        type=int,
+        metavar="N",
+    )
     _flag(t, "--seed", "train", "seed", "random seed (initialisation, dropout)", TrainConfig, type=int)
     _flag(t, "--device", "train", "device", "auto (CUDA when present), cpu, cuda or cuda:N", TrainConfig)
     _flag(t, "--bf16", "train", "bf16", "bf16 autocast on CUDA (default: off)", action="store_const", const=True)
 
     r = p.add_argument_group("run")
-    r.add_argument("--out", type=Path, default=Path(DEFAULT_RUN_DIR), metavar="RUN_DIR",
-                   help=f"run directory for checkpoints and metrics (default: {DEFAULT_RUN_DIR})")
-    r.add_argument("--resume", action="store_true",
-                   help="continue the run in RUN_DIR from last.pt; model and data flags must match it")
-    r.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                   help="pause after STEP (saving last.pt) without shortening the schedule")
+    r.add_argument(
+        "--out",
+        type=Path,
+        default=Path(DEFAULT_RUN_DIR),
+        metavar="RUN_DIR",
+        help=f"run directory for checkpoints and metrics (default: {DEFAULT_RUN_DIR})",
+    )
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in RUN_DIR from last.pt; model and data flags must match it",
+    )
+    r.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="pause after STEP (saving last.pt) without shortening the schedule",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_train)
 
 
 def _register_eval(commands: Any) -> None:
-    p = commands.add_parser("eval", help="loss and bpc/perplexity of a checkpoint on a data split",
-                            description="Evaluate a checkpoint on its own data's split, or on other data.")
+    p = commands.add_parser(
+        "eval",
+        help="loss and bpc/perplexity of a checkpoint on a data split",
+        description="Evaluate a checkpoint on its own data's split, or on other data.",
+    )
     p.add_argument("checkpoint", type=Path, help="a .pt checkpoint (e.g. runs/default/best.pt)")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"), help="split (default: test)")
-    _flag(p, "--data", "data", "path", "evaluate on this file or directory instead of the checkpoint's data, "
-          "split the same way (default: the checkpoint's data)", metavar="PATH")
+    _flag(
+        p,
+        "--data",
+        "data",
+        "path",
+        "evaluate on this file or directory instead of the checkpoint's data, "
+        "split the same way (default: the checkpoint's data)",
+        metavar="PATH",
+    )
     p.add_argument("--batch-size", type=int, default=10, help="evaluation streams (default: 10)")
     p.add_argument("--bptt", type=int, default=256, help="tokens per forward call (default: 256)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -147,17 +299,24 @@ def _register_eval(commands: Any) -> None:
 
 
 def _register_sample(commands: Any) -> None:
-    p = commands.add_parser("sample", help="generate text from a checkpoint with PyTorch (the reference sampler)",
-                            description="Generate with PyTorch on the CPU. The sampling rule is shared with "
-                            "the service, so the same seed gives the same text there.")
+    p = commands.add_parser(
+        "sample",
+        help="generate text from a checkpoint with PyTorch (the reference sampler)",
+        description="Generate with PyTorch on the CPU. The sampling rule is shared with "
+        "the service, so the same seed gives the same text there.",
+    )
     p.add_argument("checkpoint", type=Path, help="a .pt checkpoint (e.g. runs/default/best.pt)")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, start of a line)")
     p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate (default: 200)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, 0 = greedy (default: 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens, 0 = all (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off (default: 1.0)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="penalise tokens already in the context, 1 = off (default: 1.0)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="penalise tokens already in the context, 1 = off (default: 1.0)",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed to stderr)")
     p.set_defaults(handler=_sample)
 
@@ -166,13 +325,21 @@ def _train(args: argparse.Namespace) -> int:
     from training.run import run_train
 
     result = run_train(
-        _section(args, "model"), _section(args, "data"), _section(args, "train"), args.out,
-        resume=args.resume, epochs=args.epochs, stop_at=args.stop_at, progress=not args.quiet,
+        _section(args, "model"),
+        _section(args, "data"),
+        _section(args, "train"),
+        args.out,
+        resume=args.resume,
+        epochs=args.epochs,
+        stop_at=args.stop_at,
+        progress=not args.quiet,
     )
     quality = f"; last validation {result.last_quality.summary()}" if result.last_quality else ""
-    print(f"{result.stop_reason} at step {result.step} (epoch {result.epoch}) after {result.wall_s:.1f} s; "
-          f"training {result.train_tokens_per_s:,.0f} tokens/s; best validation loss {result.best_val_loss:.4f}"
-          f"{quality}")
+    print(
+        f"{result.stop_reason} at step {result.step} (epoch {result.epoch}) after {result.wall_s:.1f} s; "
+        f"training {result.train_tokens_per_s:,.0f} tokens/s; best validation loss {result.best_val_loss:.4f}"
+        f"{quality}"
+    )
     print(f"checkpoints in {result.out_dir}/ (best.pt, last.pt)")
     if result.stop_reason in ("paused", "interrupted"):
         print(f"continue with: textgen train --out {result.out_dir} --resume")
@@ -189,8 +356,7 @@ def _eval(args: argparse.Namespace) -> int:
     model, tokenizer = model_from_checkpoint(checkpoint)
     corpus = corpus_for_checkpoint(checkpoint, _section(args, "data"))
     device = resolve_device(args.device)
-    quality = evaluate(model.to(device), corpus.split(args.split), tokenizer.level, args.batch_size, args.bptt,
-                       device)
+    quality = evaluate(model.to(device), corpus.split(args.split), tokenizer.level, args.batch_size, args.bptt, device)
     print(f"{args.split}: {quality.summary()}")
     return 0
 

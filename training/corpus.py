@@ -163,7 +163,7 @@ def _position_splits(text: str, cfg: DataConfig, level: Level, desc: str, used: 
 
 def _explicit_splits(files: tuple[Path, Path, Path]) -> Splits:
     texts = [read_text(f) for f in files]
-    for f, t in zip(files, texts):
+    for f, t in zip(files, texts, strict=False):
         if not t.strip():
             raise DataError(f"the corpus is empty: {f}")
     desc = f"train {files[0]}, valid {files[1]}, test {files[2]}"

@@ -90,11 +90,9 @@ def run_train(
     if epochs is not None:
         if epochs < 1:
             raise ConfigError(f"epochs must be at least 1 (got {epochs})")
-        steps = epochs * windows_per_epoch(batchify(corpus.train, train_cfg.batch_size, train_cfg.bptt),
-                                           train_cfg.bptt)
+        steps = epochs * windows_per_epoch(batchify(corpus.train, train_cfg.batch_size, train_cfg.bptt), train_cfg.bptt)
         train_cfg = TrainConfig(**{**train_cfg.to_dict(), "max_steps": steps})
-    return train(model_cfg, train_cfg, data_cfg, corpus, out_dir, resume=checkpoint, stop_at=stop_at,
-                 progress=progress)
+    return train(model_cfg, train_cfg, data_cfg, corpus, out_dir, resume=checkpoint, stop_at=stop_at, progress=progress)
 
 
 def corpus_for_checkpoint(checkpoint: dict[str, Any], data_args: dict[str, Any] | None = None) -> TokenizedCorpus:

@@ -170,9 +170,8 @@ def train(
         }
 
     log_path = out_dir / METRICS
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext)
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True,
-               desc="train")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True, desc="train")
     running_loss = torch.zeros((), device=device)
     window_tokens, total_tokens, train_time = 0, 0, 0.0
     # tokens/s counts training only: evaluation and checkpoint time inside an interval is subtracted.
@@ -217,16 +216,26 @@ def train(
                 tps = window_tokens / elapsed
                 lr = opt.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
-                _append_jsonl(log_path, {"step": step, "epoch": epoch, "train_loss": train_loss,
-                                         "tokens_per_s": tps, "lr": lr, "time": time.time()})
+                _append_jsonl(
+                    log_path,
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "train_loss": train_loss,
+                        "tokens_per_s": tps,
+                        "lr": lr,
+                        "time": time.time(),
+                    },
+                )
                 total_tokens, train_time = total_tokens + window_tokens, train_time + elapsed
                 running_loss.zero_()
                 window_tokens, interval_start, interval_pause = 0, now, 0.0
 
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 eval_start = time.perf_counter()
-                last_quality = evaluate(model, corpus.valid, corpus.tokenizer.level, cfg.eval_batch_size,
-                                        cfg.bptt, device)
+                last_quality = evaluate(
+                    model, corpus.valid, corpus.tokenizer.level, cfg.eval_batch_size, cfg.bptt, device
+                )
                 model.train()
                 improved = last_quality.loss < best_val
                 if improved:
@@ -235,8 +244,16 @@ def train(
                     since_best += 1
                 if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     sched.step(last_quality.loss)
-                _append_jsonl(log_path, {"step": step, "epoch": epoch, **last_quality.as_dict("val_"),
-                                         "best_val_loss": best_val, "time": time.time()})
+                _append_jsonl(
+                    log_path,
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        **last_quality.as_dict("val_"),
+                        "best_val_loss": best_val,
+                        "time": time.time(),
+                    },
+                )
                 bar.write(f"step {step}: validation {last_quality.summary()}" + (" (best)" if improved else ""))
                 if improved:
                     save_checkpoint(out_dir / BEST, payload())
