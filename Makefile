@@ -9,10 +9,10 @@ STEPS ?= 1000
 
 .PHONY: serve test install lint clean
 
+# torch goes first, pinned: the local CPU wheel; the project's torch range then installs nothing more.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first, pinned: the local CPU wheel; the project's torch range then installs nothing more.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[train,serve,dev]'
 	touch $@

@@ -78,11 +78,16 @@ def read_text(path: Path) -> str:
         ) from None
 
 
+# Left out of the default corpus: installed packages, test suites (deliberately odd encodings and syntax) and
+# the generated codec tables of ``encodings`` (byte-to-character maps, not code people write).
+_STDLIB_SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idle_test", "encodings"})
+
+
 def stdlib_files() -> list[Path]:
-    """The standard library's ``*.py`` files in a fixed order (sorted relative paths), site-packages excluded."""
+    """The standard library's own modules, ``*.py`` in a fixed order (sorted relative paths)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     rel = sorted(p.relative_to(root) for p in root.rglob("*.py"))
-    return [root / p for p in rel if "site-packages" not in p.parts]
+    return [root / p for p in rel if not _STDLIB_SKIP_DIRS.intersection(p.parts[:-1])]
 
 
 def _read_many(paths: list[Path], max_chars: int | None, skip_undecodable: bool) -> tuple[str, list[str]]:

@@ -95,8 +95,8 @@ class RNNLanguageModel(nn.Module):
         device = device if device is not None else self.embedding.weight.device
         return tuple(torch.zeros(shape, device=device) for _ in cfg.state_names)
 
-    def forward(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
-        """``tokens`` [batch, time] int64 -> logits [batch, time, vocab] and the state after the last step."""
+    def rnn_forward(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+        """Hidden outputs [batch, time, hidden] (what the decoder reads) and the state after the last step."""
         x = self.drop(self.embedding(tokens))
         if self.config.cell == "lstm":
             out, (h, c) = self.rnn(x, (state[0], state[1]))
@@ -104,7 +104,12 @@ class RNNLanguageModel(nn.Module):
         else:
             out, h = self.rnn(x, state[0])
             new_state = (h,)
-        return self.decoder(self.drop(out)), new_state
+        return self.drop(out), new_state
+
+    def forward(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+        """``tokens`` [batch, time] int64 -> logits [batch, time, vocab] and the state after the last step."""
+        out, new_state = self.rnn_forward(tokens, state)
+        return self.decoder(out), new_state
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
