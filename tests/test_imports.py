@@ -1,4 +1,4 @@
-"""The serving side must never load torch: it runs in an image without it."""
+"""The serving side must never load torch (it runs in an image without it), nor the offline packages."""
 
 from __future__ import annotations
 
@@ -6,13 +6,25 @@ import subprocess
 import sys
 
 
-def test_serving_side_and_cli_parser_do_not_import_torch() -> None:
-    code = (
-        "import sys, textgen.tokenizer, textgen.sampling, textgen.errors, service\n"
-        "from textgen.cli import build_parser\n"
-        "build_parser()\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'exporter', 'onnx'))\n"
-        "assert not bad, bad\n"
-    )
+def _loaded_after(statements: str) -> list[str]:
+    code = f"import sys\n{statements}\nprint(' '.join(sorted(sys.modules)))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def test_service_loads_neither_torch_nor_the_offline_packages() -> None:
+    loaded = _loaded_after("import service, service.bundle, service.manifest, textgen.tokenizer, textgen.sampling")
+    roots = {m.split(".")[0] for m in loaded}
+    assert not roots & {"torch", "training", "exporter", "onnx"}
+
+
+def test_cli_parser_and_help_do_not_load_torch() -> None:
+    loaded = _loaded_after(
+        "from textgen.cli import build_parser\n"
+        "parser = build_parser()\n"
+        "for action in parser._subparsers._group_actions:\n"
+        "    for sub in action.choices.values():\n"
+        "        sub.format_help()\n"
+    )
+    assert "torch" not in {m.split(".")[0] for m in loaded}

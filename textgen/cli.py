@@ -13,6 +13,7 @@ from textgen.errors import TextgenError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from exporter import cli as exporter_cli
     from training import cli as training_cli
 
     parser = argparse.ArgumentParser(
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"textgen {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     training_cli.register(commands)
+    exporter_cli.register(commands)
     return parser
 
 

@@ -35,3 +35,7 @@ class ConfigError(InvalidInputError):
 
 class CheckpointError(InvalidInputError):
     """A checkpoint is unreadable, of an unknown format, or does not match what was asked for."""
+
+
+class BundleError(InvalidInputError):
+    """A model bundle is incomplete, corrupted, of an unknown format, or inconsistent with its manifest."""

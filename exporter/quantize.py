@@ -1,0 +1,87 @@
+"""int8 variant: ONNX Runtime dynamic quantization (weights int8, activations quantized on the fly: the LSTM
+becomes ``DynamicQuantizeLSTM``, the decoder ``MatMulInteger``), and its quality change measured against the
+fp32 graph on held-out text of the model's own data."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from exporter.verify import run_graph
+from textgen.tokenizer import Level
+
+
+def quantize_int8(onnx_bytes: bytes) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(onnx_bytes)
+        # Shape-inference pre-processing (which ORT's logger suggests) changes nothing for these graphs:
+        # quantize_dynamic already finds the LSTM and MatMul weights.
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        return dst.read_bytes()
+
+
+def _stream_loss(session: ort.InferenceSession, stream: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token losses and arg-max predictions over ``stream`` [batch, length], state carried."""
+    batch = stream.shape[0]
+    state_inputs = session.get_inputs()[2:]
+    state = tuple(np.zeros((i.shape[0], batch, i.shape[2]), np.float32) for i in state_inputs)
+    losses, argmax = [], []
+    for start in range(0, stream.shape[1] - 1, window):
+        x = stream[:, start : min(start + window, stream.shape[1] - 1)]
+        y = stream[:, start + 1 : start + 1 + x.shape[1]]
+        logits, state = run_graph(session, x, state, None)
+        logits = logits.astype(np.float64)
+        top = logits.max(-1, keepdims=True)
+        logz = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
+        losses.append(logz - np.take_along_axis(logits, y[..., None], -1)[..., 0])
+        argmax.append(logits.argmax(-1))
+    return np.concatenate(losses, 1), np.concatenate(argmax, 1)
+
+
+def measure_quality(
+    ckpt: dict[str, Any],
+    reference: ort.InferenceSession,
+    candidate: ort.InferenceSession,
+    max_tokens: int,
+    split: str = "valid",
+    batch: int = 10,
+    window: int = 256,
+) -> dict[str, Any]:
+    """Loss, bpc/perplexity and top-1 agreement of ``candidate`` vs ``reference`` on the checkpoint's held-out
+    split (its first ``max_tokens`` tokens)."""
+    from training.run import corpus_for_checkpoint
+
+    corpus = corpus_for_checkpoint(ckpt)
+    ids = corpus.split(split).numpy()[:max_tokens]
+    batch = max(1, min(batch, len(ids) // 2))
+    length = len(ids) // batch
+    stream = ids[: batch * length].reshape(batch, length)
+    ref_loss, ref_top = _stream_loss(reference, stream, window)
+    loss, top = _stream_loss(candidate, stream, window)
+    level = corpus.tokenizer.level
+
+    def metric(x: float) -> float:
+        return x / math.log(2) if level is Level.CHAR else math.exp(x)
+
+    ref_mean, mean = float(ref_loss.mean()), float(loss.mean())
+    return {
+        "reference_precision": "fp32",
+        "split": split,
+        "tokens": int(ref_loss.size),
+        "reference_loss": ref_mean,
+        "loss": mean,
+        "loss_delta": mean - ref_mean,
+        "reference_metric": metric(ref_mean),
+        "metric": metric(mean),
+        "metric_name": "bpc" if level is Level.CHAR else "perplexity",
+        "top1_agreement": float((ref_top == top).mean()),
+    }

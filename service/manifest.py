@@ -1,0 +1,114 @@
+"""The model bundle's ``manifest.json`` schema. It belongs to the consumer (the service): the exporter writes
+what this schema accepts, and the service validates every bundle against it before serving it.
+
+A bundle is a directory ``<name>/<version>/`` holding ``model.onnx``, ``tokenizer.json`` (Hugging Face
+``tokenizers`` format) and ``manifest.json``. Everything needed to serve it from any language is here: the
+graph's I/O contract, the tokenizer's level and detokenization rule, the sha256 of every file.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+DETOKENIZE_RULES = {
+    "char": "concatenate token texts; <unk> is shown as U+FFFD",
+    "word": "join tokens with single spaces; <eos> is a line break with no space next to it; <unk> is shown as is",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: Literal["int64", "float32"]
+    shape: list[int | str] = Field(description="fixed sizes as integers, dynamic axes by name")
+
+
+class ModelInfo(_Strict):
+    cell: Literal["lstm", "gru", "rnn_tanh", "rnn_relu"]
+    num_layers: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    embedding_size: int = Field(ge=1)
+    vocab_size: int = Field(ge=2)
+    tie_weights: bool
+    parameters: int = Field(ge=1)
+
+
+class TokenizerInfo(_Strict):
+    file: str = "tokenizer.json"
+    level: Literal["char", "word"]
+    vocab_size: int = Field(ge=2)
+    unk_token: str
+    eos_token: str | None
+    start_token: str = Field(description="token fed before generation when a prompt is empty")
+    detokenize: str
+
+
+class GraphInfo(_Strict):
+    file: str = "model.onnx"
+    opset: int
+    precision: Literal["fp32", "int8", "fp16"]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    state: list[str] = Field(description="recurrent state inputs; each has an output named <state>_out")
+
+
+class QualityChange(_Strict):
+    """How a derived bundle (int8) compares with the fp32 model on held-out text."""
+
+    reference_precision: str
+    split: str
+    tokens: int
+    reference_loss: float
+    loss: float
+    loss_delta: float
+    reference_metric: float
+    metric: float
+    metric_name: Literal["bpc", "perplexity"]
+    top1_agreement: float
+
+
+class Verification(_Strict):
+    max_abs_logit_diff: float
+    continuation_max_abs_diff: float
+    tolerance: float | None = Field(
+        description="parity bound vs torch; None for a quantised graph, which is "
+        "judged by its measured quality change instead"
+    )
+    batch_sizes: list[int]
+    lengths: list[int]
+
+
+class Provenance(_Strict):
+    data: str
+    steps: int
+    epochs: int
+    val_loss: float | None
+    val_bpc: float | None = None
+    val_perplexity: float | None = None
+    checkpoint_sha256: str
+    exported_at: str
+    source_revision: str | None
+    textgen_version: str
+    torch_version: str
+    onnx_version: str
+
+
+class Manifest(_Strict):
+    format_version: int
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelInfo
+    tokenizer: TokenizerInfo
+    graph: GraphInfo
+    provenance: Provenance
+    verification: Verification
+    quality: QualityChange | None = None
+    files: dict[str, str] = Field(description="sha256 of every other file in the bundle, by relative path")
