@@ -16,6 +16,51 @@ CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")  # the model's CELLS, without im
 DEFAULT_RUN_DIR = "runs/default"
 
 
+# Training flags, one row each: flag, TrainConfig field, help (the default is appended), argparse options.
+_TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("--batch-size", "batch_size", "parallel streams per step", {"type": int, "metavar": "N"}),
+    ("--bptt", "bptt", "truncated-BPTT window in tokens", {"type": int, "metavar": "N"}),
+    (
+        "--max-steps",
+        "max_steps",
+        "optimizer steps in the run (also the cosine schedule's length)",
+        {"type": int, "metavar": "N"},
+    ),
+    ("--optimizer", "optimizer", "optimizer", {"choices": OPTIMIZERS}),
+    ("--lr", "lr", "peak learning rate", {"type": float}),
+    ("--weight-decay", "weight_decay", "decoupled weight decay (AdamW) or L2 (SGD)", {"type": float}),
+    ("--momentum", "momentum", "SGD momentum", {"type": float}),
+    ("--clip", "clip", "gradient-norm clipping threshold, 0 to disable", {"type": float}),
+    (
+        "--schedule",
+        "schedule",
+        "learning-rate schedule: cosine (with warm-up), plateau (decay when validation stalls) or constant",
+        {"choices": SCHEDULES},
+    ),
+    ("--warmup-steps", "warmup_steps", "linear warm-up steps (cosine)", {"type": int}),
+    ("--min-lr-ratio", "min_lr_ratio", "cosine floor as a fraction of --lr", {"type": float}),
+    ("--plateau-factor", "plateau_factor", "plateau: multiply the lr by this", {"type": float}),
+    (
+        "--plateau-patience",
+        "plateau_patience",
+        "plateau: evaluations without improvement before a decay",
+        {"type": int},
+    ),
+    ("--eval-every", "eval_every", "evaluate and checkpoint every N steps", {"type": int, "metavar": "N"}),
+    ("--eval-batch-size", "eval_batch_size", "streams used for evaluation", {"type": int, "metavar": "N"}),
+    (
+        "--patience",
+        "patience",
+        "stop early after N evaluations without improvement (0: never)",
+        {"type": int, "metavar": "N"},
+    ),
+    ("--log-every", "log_every", "write training metrics every N steps", {"type": int, "metavar": "N"}),
+    ("--seed", "seed", "random seed (initialisation, dropout)", {"type": int}),
+    ("--device", "device", "auto (CUDA when present), cpu, cuda or cuda:N", {}),
+    ("--bf16", "bf16", "bf16 autocast on CUDA (default: off)", {"action": "store_const", "const": True}),
+]
+
+
 def _default(cls: type, name: str) -> Any:
     field = next(f for f in fields(cls) if f.name == name)
     return None if field.default is MISSING else field.default
@@ -154,18 +199,8 @@ def _register_train(commands: Any) -> None:
     )
 
     t = p.add_argument_group("training")
-    _flag(t, "--batch-size", "train", "batch_size", "parallel streams per step", TrainConfig, type=int, metavar="N")
-    _flag(t, "--bptt", "train", "bptt", "truncated-BPTT window in tokens", TrainConfig, type=int, metavar="N")
-    _flag(
-        t,
-        "--max-steps",
-        "train",
-        "max_steps",
-        "optimizer steps in the run (also the cosine schedule's length)",
-        TrainConfig,
-        type=int,
-        metavar="N",
-    )
+    for flag, name, help_text, kw in _TRAIN_FLAGS:
+        _flag(t, flag, "train", name, help_text, TrainConfig, **kw)
     p.add_argument(
         "--epochs",
         type=int,
@@ -173,83 +208,6 @@ def _register_train(commands: Any) -> None:
         metavar="N",
         help="train for N passes over the training split (sets --max-steps)",
     )
-    _flag(t, "--optimizer", "train", "optimizer", "optimizer", TrainConfig, choices=OPTIMIZERS)
-    _flag(t, "--lr", "train", "lr", "peak learning rate", TrainConfig, type=float)
-    _flag(
-        t,
-        "--weight-decay",
-        "train",
-        "weight_decay",
-        "decoupled weight decay (AdamW) or L2 (SGD)",
-        TrainConfig,
-        type=float,
-    )
-    _flag(t, "--momentum", "train", "momentum", "SGD momentum", TrainConfig, type=float)
-    _flag(t, "--clip", "train", "clip", "gradient-norm clipping threshold, 0 to disable", TrainConfig, type=float)
-    _flag(
-        t,
-        "--schedule",
-        "train",
-        "schedule",
-        "learning-rate schedule: cosine (with warm-up), plateau (decay when validation stalls) or constant",
-        TrainConfig,
-        choices=SCHEDULES,
-    )
-    _flag(t, "--warmup-steps", "train", "warmup_steps", "linear warm-up steps (cosine)", TrainConfig, type=int)
-    _flag(t, "--min-lr-ratio", "train", "min_lr_ratio", "cosine floor as a fraction of --lr", TrainConfig, type=float)
-    _flag(t, "--plateau-factor", "train", "plateau_factor", "plateau: multiply the lr by this", TrainConfig, type=float)
-    _flag(
-        t,
-        "--plateau-patience",
-        "train",
-        "plateau_patience",
-        "plateau: evaluations without improvement before a decay",
-        TrainConfig,
-        type=int,
-    )
-    _flag(
-        t,
-        "--eval-every",
-        "train",
-        "eval_every",
-        "evaluate and checkpoint every N steps",
-        TrainConfig,
-        type=int,
-        metavar="N",
-    )
-    _flag(
-        t,
-        "--eval-batch-size",
-        "train",
-        "eval_batch_size",
-        "streams used for evaluation",
-        TrainConfig,
-        type=int,
-        metavar="N",
-    )
-    _flag(
-        t,
-        "--patience",
-        "train",
-        "patience",
-        "stop early after N evaluations without improvement (0: never)",
-        TrainConfig,
-        type=int,
-        metavar="N",
-    )
-    _flag(
-        t,
-        "--log-every",
-        "train",
-        "log_every",
-        "write training metrics every N steps",
-        TrainConfig,
-        type=int,
-        metavar="N",
-    )
-    _flag(t, "--seed", "train", "seed", "random seed (initialisation, dropout)", TrainConfig, type=int)
-    _flag(t, "--device", "train", "device", "auto (CUDA when present), cpu, cuda or cuda:N", TrainConfig)
-    _flag(t, "--bf16", "train", "bf16", "bf16 autocast on CUDA (default: off)", action="store_const", const=True)
 
     r = p.add_argument_group("run")
     r.add_argument(
