@@ -75,3 +75,29 @@ def test_out_of_range_parameters_name_the_field(kwargs: dict, field: str) -> Non
 def test_seed_range() -> None:
     with pytest.raises(InvalidInputError, match="seed"):
         new_rng(-1)
+
+
+@pytest.mark.parametrize("vocab", [5, 96, 1000])
+def test_batched_sampling_equals_row_by_row(vocab: int) -> None:
+    """A row's token depends only on its own logits, parameters and generator, never on its batch."""
+    from textgen.sampling import sample_batch
+
+    rng = np.random.default_rng(7)
+    batch = 64
+    logits = (rng.standard_normal((batch, vocab)) * 3).astype(np.float32)
+    logits[:, 1] = logits[:, 2]  # ties
+    choices = [
+        SamplingParams(),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.7, top_k=3),
+        SamplingParams(temperature=1.3, top_p=0.5),
+        SamplingParams(top_k=2, top_p=0.9, repetition_penalty=1.5),
+        SamplingParams(temperature=0.0, repetition_penalty=2.0),
+    ]
+    params = [choices[i % len(choices)] for i in range(batch)]
+    seen = rng.random((batch, vocab)) < 0.2
+    for step in range(20):
+        together = sample_batch(logits, params, [new_rng(1000 * step + i) for i in range(batch)], seen)
+        alone = [sample_token(logits[i], params[i], new_rng(1000 * step + i), seen[i]) for i in range(batch)]
+        assert together.tolist() == alone
+        logits = np.roll(logits, 1, axis=0)

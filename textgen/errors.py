@@ -39,3 +39,38 @@ class CheckpointError(InvalidInputError):
 
 class BundleError(InvalidInputError):
     """A model bundle is incomplete, corrupted, of an unknown format, or inconsistent with its manifest."""
+
+
+class FailedPreconditionError(TextgenError):
+    """The request is valid but the thing it names is not in a state to take it (a session already generating)."""
+
+    status = "FAILED_PRECONDITION"
+    reason = "validation"
+
+
+class OverloadedError(TextgenError):
+    """A bounded resource is full (the request queue, the session table): retry later or elsewhere."""
+
+    status = "RESOURCE_EXHAUSTED"
+    reason = "overloaded"
+
+
+class UnavailableError(TextgenError):
+    """The server is draining for shutdown and takes no new work."""
+
+    status = "UNAVAILABLE"
+    reason = "unavailable"
+
+
+class DeadlineExceededError(TextgenError):
+    """The caller's deadline passed before the work finished."""
+
+    status = "DEADLINE_EXCEEDED"
+    reason = "deadline"
+
+
+class CancelledError(TextgenError):
+    """The caller went away (cancelled or disconnected) or the server cancelled the work while shutting down."""
+
+    status = "CANCELLED"
+    reason = "cancelled"

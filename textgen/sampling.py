@@ -14,6 +14,7 @@ Everything is computed in float64 so that near-ties resolve the same way everywh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,24 +65,68 @@ def sample_token(
     """Pick the next token id from one row of logits (shape ``[vocab]``) by the rule above.
 
     ``seen`` is a boolean mask of tokens already in the context, used only by the repetition penalty."""
-    x = np.asarray(logits, dtype=np.float64).copy()
-    if params.repetition_penalty != 1.0 and seen is not None and seen.any():
-        penalised = x[seen]
-        x[seen] = np.where(penalised > 0, penalised / params.repetition_penalty, penalised * params.repetition_penalty)
-    if params.greedy:
-        return int(np.argmax(x))
-    x /= params.temperature
-    vocab = x.shape[0]
-    if 0 < params.top_k < vocab:
-        kth = np.partition(x, vocab - params.top_k)[vocab - params.top_k]
-        x[x < kth] = -np.inf
-    p = np.exp(x - x.max())
-    if params.top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        mass = np.cumsum(p[order])
+    row_seen = None if seen is None else np.asarray(seen, dtype=bool)[None]
+    return int(sample_batch(np.asarray(logits)[None], [params], [rng], row_seen)[0])
+
+
+def sample_batch(
+    logits: np.ndarray,
+    params: Sequence[SamplingParams],
+    rngs: Sequence[np.random.Generator],
+    seen: np.ndarray | None = None,
+) -> np.ndarray:
+    """Pick one token per row of ``logits`` (``[batch, vocab]``), each row with its own parameters and generator.
+
+    Every operation is row-wise (elementwise, or a reduction along the vocabulary axis computed the same way for
+    one row as for many), so a row's token depends only on its own logits, parameters and generator: a seeded
+    request draws the same text alone or batched with others. Rows that share a setting are filtered together
+    (one ``np.partition`` per distinct ``top_k``), so the cost is a few vectorised passes, not a Python loop."""
+    x = np.array(logits, dtype=np.float64)  # a copy: filtered in place below
+    batch, vocab = x.shape
+    out = np.empty(batch, dtype=np.int64)
+
+    penalty = np.fromiter((p.repetition_penalty for p in params), np.float64, batch)
+    if seen is not None:
+        for i in np.flatnonzero(penalty != 1.0):
+            mask = seen[i]
+            if mask.any():
+                hit = x[i, mask]
+                x[i, mask] = np.where(hit > 0, hit / penalty[i], hit * penalty[i])
+
+    temperature = np.fromiter((p.temperature for p in params), np.float64, batch)
+    greedy = temperature == 0.0
+    if greedy.any():
+        out[greedy] = np.argmax(x[greedy], axis=1)
+    rows = np.flatnonzero(~greedy)
+    if rows.size == 0:
+        return out
+
+    x = x[rows] / temperature[rows, None]
+    top_k = np.fromiter((params[i].top_k for i in rows), np.int64, rows.size)
+    for k in np.unique(top_k[(top_k > 0) & (top_k < vocab)]):
+        sel = np.flatnonzero(top_k == k)
+        kth = np.partition(x[sel], vocab - k, axis=1)[:, vocab - k]
+        sub = x[sel]
+        sub[sub < kth[:, None]] = -np.inf  # ties with the k-th are kept
+        x[sel] = sub
+    p = np.exp(x - x.max(axis=1, keepdims=True))
+
+    top_p = np.fromiter((params[i].top_p for i in rows), np.float64, rows.size)
+    nucleus = np.flatnonzero(top_p < 1.0)
+    if nucleus.size:
+        sub = p[nucleus]
+        order = np.argsort(-sub, axis=1, kind="stable")
+        mass = np.cumsum(np.take_along_axis(sub, order, axis=1), axis=1)
         # Keep tokens until the kept mass reaches top_p of the total (the first one always).
-        cut = int(np.searchsorted(mass, params.top_p * mass[-1], side="left")) + 1
-        p[order[cut:]] = 0.0
-    cdf = np.cumsum(p)
-    u = rng.random()
-    return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), vocab - 1)
+        keep = (mass < top_p[nucleus, None] * mass[:, -1:]).sum(axis=1) + 1
+        dropped = np.arange(vocab)[None, :] >= keep[:, None]
+        np.put_along_axis(sub, order, np.where(dropped, 0.0, np.take_along_axis(sub, order, axis=1)), axis=1)
+        p[nucleus] = sub
+
+    cdf = np.cumsum(p, axis=1)
+    u = np.fromiter((rngs[i].random() for i in rows), np.float64, rows.size)
+    picked = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1)  # == searchsorted(side="right") per row
+    # u * total can round up to total; never pick past the last token with any probability.
+    last = vocab - 1 - np.argmax(p[:, ::-1] > 0, axis=1)
+    out[rows] = np.minimum(picked, last)
+    return out

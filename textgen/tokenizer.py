@@ -153,6 +153,13 @@ class TextTokenizer:
         encodings = self._hf.encode_batch_fast(list(_chunks(text)), add_special_tokens=False)
         return np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in encodings])
 
+    def unknown_pieces(self, text: str) -> list[tuple[int, str]]:
+        """``(character offset, text)`` of every piece of ``text`` that maps to ``<unk>``."""
+        enc = self._hf.encode(text, add_special_tokens=False)
+        return [
+            (start, text[start:end]) for i, (start, end) in zip(enc.ids, enc.offsets, strict=True) if i == self.unk_id
+        ]
+
     def decode(self, ids: Iterable[int], after: int | None = None) -> str:
         """Text of ``ids``. ``after`` is the token that precedes them (None: start of text), so that
         pieces decoded one at a time join into exactly the text decoded at once."""

@@ -1,0 +1,298 @@
+"""The service without its transport: validates requests, builds sequences for the engines, keeps sessions and
+snapshots, and turns finished sequences into results. The gRPC servicer only converts messages to and from it.
+Runs on the server's event loop thread (sessions are not shared with the engine threads)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.context import Context
+from service.engine import Engine, EngineObserver
+from service.models import ModelRegistry, ServedModel
+from service.sequence import Delta, Result, Sequence
+from service.sessions import Session, SessionStore
+from service.settings import ServerSettings
+from service.snapshots import SnapshotCodec
+from textgen.errors import CancelledError, InvalidInputError
+from textgen.sampling import SamplingParams
+
+log = logging.getLogger("textgen.app")
+
+
+@dataclass
+class GenerateSpec:
+    """A generate request's fields, as the transport received them (unset optionals are None)."""
+
+    model: str = ""
+    prompt: str = ""
+    max_tokens: int = 0
+    temperature: float | None = None
+    top_k: int = 0
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    session_id: str = ""
+    snapshot: bytes = b""
+    return_snapshot: bool = False
+
+
+@dataclass
+class Generation:
+    """A running generate call: its sequence and what must happen when it ends."""
+
+    seq: Sequence
+    engine: Engine
+    spec: GenerateSpec
+    session: Session | None = None
+    ended: bool = False
+
+    @property
+    def model(self) -> ServedModel:
+        return self.engine.model
+
+
+@dataclass
+class Outcome:
+    """A finished generation as the transport reports it."""
+
+    result: Result
+    snapshot: bytes = b""
+    session_id: str = ""
+
+
+@dataclass
+class ScoreResult:
+    model: ServedModel
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+
+    @property
+    def loss(self) -> float:
+        return float(-self.logprobs.mean()) if self.logprobs.size else 0.0
+
+
+def _finite(name: str, value: float | None, default: float) -> float:
+    if value is None:
+        return default
+    if not math.isfinite(value):
+        raise InvalidInputError(f"{name} must be a finite number (got {value})")
+    return float(value)
+
+
+class App:
+    def __init__(self, settings: ServerSettings, registry: ModelRegistry, observer: EngineObserver | None = None):
+        self.settings = settings
+        self.registry = registry
+        self.engines = {m.name: Engine(m, settings, observer) for m in registry}
+        self.sessions = SessionStore(settings.max_sessions, settings.session_memory_bytes, settings.session_ttl_seconds)
+        key = settings.snapshot_key.get_secret_value().encode() if settings.snapshot_key else None
+        self.snapshots = SnapshotCodec(key)
+        if self.snapshots.ephemeral_key:
+            log.warning("no snapshot key set (TEXTGEN_SNAPSHOT_KEY): snapshots resume only on this server process")
+        self.draining = False
+
+    def start(self) -> None:
+        for engine in self.engines.values():
+            engine.start()
+
+    def drain(self) -> None:
+        self.draining = True
+        for engine in self.engines.values():
+            engine.drain()
+
+    @property
+    def busy(self) -> bool:
+        return any(not e.idle for e in self.engines.values())
+
+    def stop(self) -> None:
+        for engine in self.engines.values():
+            engine.stop()
+
+    # -- generation -----------------------------------------------------------------------------------------
+    def _params(self, spec: GenerateSpec) -> SamplingParams:
+        return SamplingParams(
+            temperature=_finite("temperature", spec.temperature, 1.0),
+            top_k=spec.top_k,
+            top_p=_finite("top_p", spec.top_p, 1.0),
+            repetition_penalty=_finite("repetition_penalty", spec.repetition_penalty, 1.0),
+        )
+
+    def _max_tokens(self, requested: int) -> int:
+        if requested == 0:
+            return self.settings.default_max_tokens
+        if requested > self.settings.max_tokens_limit:
+            raise InvalidInputError(
+                f"max_tokens: {requested} exceeds this server's maximum of {self.settings.max_tokens_limit}"
+            )
+        return requested
+
+    def _stops(self, stops: list[str]) -> list[str]:
+        s = self.settings
+        if len(stops) > s.max_stop_sequences:
+            raise InvalidInputError(
+                f"stop: {len(stops)} strings exceed this server's maximum of {s.max_stop_sequences}"
+            )
+        for i, stop in enumerate(stops):
+            if not stop:
+                raise InvalidInputError(f"stop[{i}]: empty string")
+            if len(stop) > s.max_stop_chars:
+                raise InvalidInputError(f"stop[{i}]: {len(stop)} characters exceed the maximum of {s.max_stop_chars}")
+        return list(stops)
+
+    def _feed(self, model: ServedModel, ctx: Context, text: str, field_name: str) -> np.ndarray:
+        ids = model.encode_prompt(text, field_name)
+        if ids.size > self.settings.max_prompt_tokens:
+            raise InvalidInputError(
+                f"{field_name}: {ids.size} tokens exceed this server's maximum of {self.settings.max_prompt_tokens}"
+            )
+        if ctx.pending >= 0:
+            ids = np.concatenate([[ctx.pending], ids]).astype(np.int64)
+        if ids.size == 0:  # nothing to continue from: start a new text, as every training text starts
+            ids = np.array([model.tokenizer.start_id], dtype=np.int64)
+        return ids
+
+    def _context_for(self, spec: GenerateSpec) -> tuple[Engine, Context, Session | None]:
+        if spec.session_id and spec.snapshot:
+            raise InvalidInputError("session_id, snapshot: give at most one of them")
+        if spec.session_id:
+            session = self.sessions.acquire(spec.session_id)
+            model = session.context.model
+            if spec.model and spec.model != model.name:
+                self.sessions.release(session)
+                raise InvalidInputError(f"model: session {spec.session_id!r} belongs to model {model.name}")
+            ctx = session.context.copy()  # the session changes only when the generation completes
+            return self.engines[model.name], ctx, session
+        model = self.registry.get(spec.model)
+        ctx = self.snapshots.load(spec.snapshot, model) if spec.snapshot else Context.fresh(model, spec.seed)
+        return self.engines[model.name], ctx, None
+
+    def start_generation(
+        self,
+        spec: GenerateSpec,
+        loop: asyncio.AbstractEventLoop,
+        time_remaining: float | None = None,
+    ) -> Generation:
+        """Validate ``spec`` and queue its sequence; every validation error names its field."""
+        params = self._params(spec)
+        max_tokens = self._max_tokens(spec.max_tokens)
+        stops = self._stops(spec.stop)
+        engine, ctx, session = self._context_for(spec)
+        try:
+            if spec.seed is not None and (session is not None or spec.snapshot):
+                ctx.reseed(spec.seed)
+            seq = Sequence(
+                context=ctx,
+                feed=self._feed(engine.model, ctx, spec.prompt, "prompt"),
+                params=params,
+                max_tokens=max_tokens,
+                stops=stops,
+                logprobs=spec.logprobs,
+                deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+                loop=loop,
+            )
+            engine.submit(seq)
+        except BaseException:
+            if session is not None:
+                self.sessions.release(session)
+            raise
+        return Generation(seq, engine, spec, session)
+
+    async def follow(self, gen: Generation) -> AsyncIterator[tuple[list[Delta], Result | None]]:
+        """The sequence's output as it comes: every delta produced since the last yield (so a reader that falls
+        behind gets them coalesced), and the result with the last batch."""
+        seq = gen.seq
+        assert seq.event is not None
+        while True:
+            await seq.event.wait()
+            seq.event.clear()
+            deltas, result = seq.take()
+            if seq.paused:
+                gen.engine.wake()  # its buffer has room again
+            if deltas or result is not None:
+                yield deltas, result
+            if result is not None:
+                return
+
+    def end_generation(self, gen: Generation) -> Outcome | None:
+        """Settle a generation, however it ended: commit the session on success, release it always, cancel the
+        sequence if it is still running (the client went away). Idempotent."""
+        if gen.ended:
+            return None
+        gen.ended = True
+        result = gen.seq.result
+        if result is None:
+            gen.seq.cancel(CancelledError("the client cancelled or disconnected"))
+            gen.engine.wake()
+        ctx = result.context if result is not None else None
+        if gen.session is not None:
+            self.sessions.release(gen.session, ctx)
+        if result is None:
+            return None
+        snapshot = self.snapshots.dump(ctx) if gen.spec.return_snapshot and ctx is not None else b""
+        return Outcome(result, snapshot, gen.session.id if gen.session else "")
+
+    # -- scoring ----------------------------------------------------------------------------------------------
+    async def score(
+        self, model_name: str, text: str, loop: asyncio.AbstractEventLoop, time_remaining: float | None = None
+    ) -> ScoreResult:
+        model = self.registry.get(model_name)
+        if not text:
+            raise InvalidInputError("text: empty; nothing to score")
+        ids = model.encode_prompt(text, "text")
+        if ids.size == 0:
+            raise InvalidInputError("text: holds no tokens (only whitespace?)")
+        if ids.size > self.settings.max_prompt_tokens:
+            raise InvalidInputError(
+                f"text: {ids.size} tokens exceed this server's maximum of {self.settings.max_prompt_tokens}"
+            )
+        feed = np.concatenate([[model.tokenizer.start_id], ids[:-1]]).astype(np.int64)
+        seq = Sequence(
+            context=Context.fresh(model, 0),
+            feed=feed,
+            score_targets=ids,
+            deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+            loop=loop,
+        )
+        engine = self.engines[model.name]
+        engine.submit(seq)
+        gen = Generation(seq, engine, GenerateSpec())
+        try:
+            async for _, result in self.follow(gen):
+                if result is not None:
+                    if result.error is not None:
+                        raise result.error
+                    assert result.score_logprobs is not None
+                    return ScoreResult(model, ids, result.score_logprobs)
+        finally:
+            self.end_generation(gen)
+        raise AssertionError("scoring ended without a result")
+
+    # -- sessions ---------------------------------------------------------------------------------------------
+    def create_session(self, model_name: str, snapshot: bytes = b"", seed: int | None = None) -> Session:
+        model = self.registry.get(model_name)
+        if snapshot:
+            ctx = self.snapshots.load(snapshot, model)
+            if seed is not None:
+                ctx.reseed(seed)
+        else:
+            ctx = Context.fresh(model, seed)
+        return self.sessions.create(ctx)
+
+    def fork_session(self, session_id: str, seed: int | None = None) -> Session:
+        source = self.sessions.get(session_id)
+        ctx = source.context.copy()
+        if seed is not None:
+            ctx.reseed(seed)
+        return self.sessions.create(ctx)
+
+    def close_session(self, session_id: str) -> None:
+        self.sessions.close(session_id)

@@ -1,0 +1,370 @@
+"""Continuous (step-level) batching for one model, on its own thread.
+
+Each step: retire cancelled and expired sequences; admit waiting ones into free slots; run prompts (in chunks of
+at most ``prefill_chunk_tokens`` per step, equal-length chunks batched together) so a long prompt never stalls
+running streams for long; advance every decoding sequence by one token in a single ``[batch, 1]`` graph call;
+sample all rows in one vectorised pass with each request's own generator; queue the text deltas and wake the
+transport once. The batch's recurrent state is the graph's own output, reused as the next step's input: rows are
+gathered again only when the set of decoding sequences changes.
+
+The engine thread is the only writer of a running sequence; the transport (the asyncio thread) only drains its
+outbox and may set its cancel flag, both safe without a lock."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+from service.models import ServedModel, State
+from service.sequence import Delta, Finish, Phase, Result, Sequence, TokenLogprob
+from service.settings import ServerSettings
+from textgen.errors import DeadlineExceededError, OverloadedError, TextgenError, UnavailableError
+from textgen.sampling import sample_batch
+
+log = logging.getLogger("textgen.engine")
+
+_IDLE_WAIT = 0.05  # seconds an idle engine sleeps before re-checking deadlines of waiting/paused sequences
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+class EngineObserver:
+    """Hooks for metrics; the default does nothing. Called on the engine thread."""
+
+    def step(self, phase: str, batch: int, tokens: int, seconds: float) -> None: ...
+
+    def admitted(self, seq: Sequence) -> None: ...
+
+    def finished(self, seq: Sequence) -> None: ...
+
+
+class Engine:
+    def __init__(self, model: ServedModel, settings: ServerSettings, observer: EngineObserver | None = None) -> None:
+        self.model = model
+        self.max_batch = settings.max_batch_size
+        self.max_queue = settings.max_queue
+        self.chunk_tokens = settings.prefill_chunk_tokens
+        self.buffer_limit = settings.stream_buffer_tokens
+        self.cancel_slow_readers = settings.slow_reader_policy == "cancel"
+        self.observer = observer or EngineObserver()
+        self._cond = threading.Condition()
+        self._waiting: deque[Sequence] = deque()  # guarded by _cond
+        self._prefill: list[Sequence] = []
+        self._decode: list[Sequence] = []  # includes paused sequences
+        self._rows: list[Sequence] = []  # sequences whose state is in _batch_state, in row order
+        self._batch_state: State = ()
+        self._draining = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"engine-{model.name}", daemon=True)
+        self._wake_hooks: dict[object, list[Sequence]] = {}
+
+    # -- called from the transport --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cond:
+            if self._draining:
+                raise UnavailableError("server is shutting down; retry on another replica")
+            free = max(0, self.max_batch - self.running)
+            if len(self._waiting) >= self.max_queue + free:
+                raise OverloadedError(
+                    f"model {self.model.name}: request queue full ({len(self._waiting)} waiting, "
+                    f"{self.running} running); retry later"
+                )
+            self._waiting.append(seq)
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    @property
+    def running(self) -> int:
+        return len(self._prefill) + len(self._decode)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self._prefill and not self._decode
+
+    def drain(self) -> None:
+        """Take no new work; what is queued or running goes on."""
+        with self._cond:
+            self._draining = True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel whatever is left (finish reason CANCELLED) and end the thread."""
+        with self._cond:
+            self._draining = self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # -- the engine thread ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    break
+                self._admit()
+                if not self._runnable():
+                    self._cond.wait(_IDLE_WAIT)
+            try:
+                self._step()
+            except Exception:  # a bug: fail what was running, keep serving
+                log.exception("engine step failed for model %s", self.model.name)
+                for seq in [*self._prefill, *self._decode]:
+                    self._finish(seq, error=TextgenError("internal error while generating (logged on the server)"))
+                self._rows, self._batch_state = [], ()
+                self._flush_wakes()
+        with self._cond:
+            leftovers = [*self._waiting, *self._prefill, *self._decode]
+            self._waiting.clear()
+        for seq in leftovers:
+            self._finish(seq, finish=Finish.CANCELLED)
+        self._flush_wakes()
+
+    def _runnable(self) -> bool:
+        return bool(self._prefill) or any(not s.paused for s in self._decode)
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        while self._waiting and self.running < self.max_batch:
+            seq = self._waiting.popleft()
+            if self._reap_reason(seq, now) is not None:
+                self._waiting.appendleft(seq)  # reaped below, with the others
+                break
+            seq.phase = Phase.PREFILL
+            seq.admitted = now
+            self._prefill.append(seq)
+            self.observer.admitted(seq)
+
+    def _reap_reason(self, seq: Sequence, now: float) -> TextgenError | None:
+        if seq.cancel_reason is not None:
+            return seq.cancel_reason
+        if seq.deadline is not None and now >= seq.deadline:
+            return DeadlineExceededError("deadline exceeded while generating")
+        return None
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            waiting = list(self._waiting)
+        for seq in [*waiting, *self._prefill, *self._decode]:
+            reason = self._reap_reason(seq, now)
+            if reason is not None:
+                with self._cond:
+                    if seq in self._waiting:
+                        self._waiting.remove(seq)
+                self._finish(seq, error=reason)
+        self._apply_backpressure()
+
+        ready = self._run_prefill()
+        rows, logits = self._run_decode()
+        if ready:
+            rows = rows + [seq for seq, _ in ready]
+            new = np.stack([row for _, row in ready])
+            logits = new if logits is None else np.concatenate([logits, new])
+        if rows:
+            assert logits is not None
+            self._sample(rows, logits)
+        self._flush_wakes()
+
+    def _apply_backpressure(self) -> None:
+        for seq in self._decode:
+            full = seq.buffered_tokens >= self.buffer_limit
+            if full and self.cancel_slow_readers:
+                self._finish(seq, finish=Finish.CANCELLED)
+            else:
+                seq.paused = full
+
+    # -- prompt ----------------------------------------------------------------------------------------------
+    def _run_prefill(self) -> list[tuple[Sequence, np.ndarray]]:
+        """Run up to ``chunk_tokens`` prompt tokens; return the sequences whose prompt is done, with their last
+        logits row. Chunks of equal length from different sequences run as one batch."""
+        budget = self.chunk_tokens
+        groups: dict[tuple[int, bool], list[Sequence]] = {}
+        for seq in self._prefill:
+            if budget <= 0:
+                break
+            n = min(seq.feed.size - seq.fed, budget)
+            budget -= n
+            groups.setdefault((n, seq.score), []).append(seq)
+        ready = []
+        for (n, score), seqs in groups.items():
+            for batch in ([s] for s in seqs) if score else [seqs]:
+                ready.extend(self._prefill_chunk(batch, n))
+        return ready
+
+    def _prefill_chunk(self, seqs: list[Sequence], n: int) -> list[tuple[Sequence, np.ndarray]]:
+        t0 = time.perf_counter()
+        tokens = np.stack([s.feed[s.fed : s.fed + n] for s in seqs])
+        score = seqs[0].score
+        positions = np.arange(n) if score else np.array([n - 1])
+        state = tuple(np.concatenate(parts, axis=1) for parts in zip(*(s.own_state for s in seqs), strict=True))
+        logits, state = self.model.run(tokens, positions, state)
+        seconds = time.perf_counter() - t0
+        self.observer.step("prompt", len(seqs), len(seqs) * n, seconds)
+        ready = []
+        for i, seq in enumerate(seqs):
+            seq.own_state = tuple(s[:, i : i + 1] for s in state) if len(seqs) > 1 else state
+            seq.prompt_seconds += seconds
+            if score:
+                assert seq.score_targets is not None
+                targets = seq.score_targets[seq.fed : seq.fed + n]
+                seq.score_parts.append(log_softmax(logits[0])[np.arange(n), targets])
+            seq.fed += n
+            if seq.fed == seq.feed.size:
+                self._prefill.remove(seq)
+                if score:
+                    self._finish(seq, finish=Finish.LENGTH)
+                else:
+                    seq.context.token_count += seq.feed.size
+                    ready.append((seq, logits[i, -1]))
+        return ready
+
+    # -- one decode step ------------------------------------------------------------------------------------
+    def _run_decode(self) -> tuple[list[Sequence], np.ndarray | None]:
+        rows = [s for s in self._decode if not s.paused]
+        if not rows:
+            return [], None
+        self._regather(rows)
+        tokens = np.fromiter((s.next_token for s in rows), np.int64, len(rows)).reshape(-1, 1)
+        t0 = time.perf_counter()
+        logits, self._batch_state = self.model.run(tokens, np.zeros(1, np.int64), self._batch_state)
+        self.observer.step("decode", len(rows), len(rows), time.perf_counter() - t0)
+        for s in rows:
+            s.context.token_count += 1
+        return rows, logits[:, 0]
+
+    def _regather(self, rows: list[Sequence]) -> None:
+        """Make the batch state hold ``rows`` in order (a no-op while the set of decoding sequences is unchanged)."""
+        if rows == self._rows:
+            return
+        index = {id(s): i for i, s in enumerate(self._rows)}
+        for s in self._rows:  # keep the state of sequences leaving the batch (paused ones come back later)
+            if s not in rows and s.phase is not Phase.DONE:
+                i = index[id(s)]
+                s.own_state = tuple(b[:, i : i + 1].copy() for b in self._batch_state)
+        if all(id(s) in index for s in rows):
+            take = np.fromiter((index[id(s)] for s in rows), np.int64, len(rows))
+            self._batch_state = tuple(np.take(b, take, axis=1) for b in self._batch_state)
+        else:
+            parts = [
+                tuple(b[:, index[id(s)] : index[id(s)] + 1] for b in self._batch_state)
+                if id(s) in index
+                else s.own_state
+                for s in rows
+            ]
+            self._batch_state = tuple(np.concatenate(p, axis=1) for p in zip(*parts, strict=True))
+        self._rows = list(rows)
+
+    def _row_state(self, seq: Sequence) -> State:
+        if seq in self._rows:
+            i = self._rows.index(seq)
+            return tuple(b[:, i : i + 1].copy() for b in self._batch_state)
+        return seq.own_state
+
+    # -- sampling and output ----------------------------------------------------------------------------------
+    def _sample(self, rows: list[Sequence], logits: np.ndarray) -> None:
+        params = [s.params for s in rows]
+        rngs = [s.context.rng for s in rows]
+        seen = [s.context.seen for s in rows]
+        tokens = sample_batch(logits, params, rngs, seen)
+        now = time.monotonic()
+        tokenizer = self.model.tokenizer
+        for i, (seq, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            seq.context.seen[token] = True
+            if seq.generated == 0:
+                seq.first_token = now
+                if seq.phase is Phase.PREFILL:  # joins the decode batch at the next regather
+                    seq.phase = Phase.DECODE
+                    self._decode.append(seq)
+            seq.generated += 1
+            seq.next_token = token
+            piece = tokenizer.pieces((token,), seq.previous)[0]
+            seq.previous = token
+            lps = []
+            if seq.logprobs:
+                lps.append(TokenLogprob(token, tokenizer.id_to_token[token], float(log_softmax(logits[i])[token])))
+            text, stop = seq.stop_matcher.push(piece)
+            if stop is None and seq.generated >= seq.max_tokens:
+                text += seq.stop_matcher.flush()
+            if text or lps:
+                seq.outbox.append(Delta(text, lps, 1))
+                seq.produced_tokens += 1
+            if stop is not None:
+                self._finish(seq, finish=Finish.STOP, stop=stop)
+            elif seq.generated >= seq.max_tokens:
+                self._finish(seq, finish=Finish.LENGTH)
+            else:
+                self._touch(seq)
+
+    def _finish(
+        self, seq: Sequence, finish: Finish | None = None, stop: str = "", error: TextgenError | None = None
+    ) -> None:
+        if seq.phase is Phase.DONE:
+            return
+        now = time.monotonic()
+        ctx = None
+        if error is None and not seq.score:
+            ctx = seq.context
+            if seq.phase is Phase.DECODE:
+                ctx.state = self._row_state(seq)
+                ctx.pending = seq.next_token
+            elif seq.phase is Phase.PREFILL:
+                ctx.state = seq.own_state
+        if seq in self._prefill:
+            self._prefill.remove(seq)
+        if seq in self._decode:
+            self._decode.remove(seq)
+        seq.phase = Phase.DONE
+        result = Result(
+            finish=finish if error is None else None,
+            stop=stop,
+            prompt_tokens=int(seq.feed.size),
+            generated_tokens=seq.generated,
+            seed=seq.context.seed,
+            context=ctx if finish in (Finish.LENGTH, Finish.STOP, Finish.END_OF_TEXT) else None,
+            error=error,
+            queue_seconds=(seq.admitted or now) - seq.arrived,
+            prompt_seconds=seq.prompt_seconds,
+            first_token_seconds=(seq.first_token - seq.arrived) if seq.first_token else 0.0,
+            total_seconds=now - seq.arrived,
+        )
+        if seq.score and error is None:
+            result.score_logprobs = np.concatenate(seq.score_parts) if seq.score_parts else np.zeros(0)
+        seq.result = result
+        self.observer.finished(seq)
+        self._touch(seq)
+
+    def _touch(self, seq: Sequence) -> None:
+        if seq.loop is not None:
+            self._wake_hooks.setdefault(seq.loop, []).append(seq)
+        elif seq.on_ready is not None:
+            seq.on_ready()
+
+    def _flush_wakes(self) -> None:
+        """Wake the transport once per step and event loop, not once per sequence."""
+        for loop, seqs in self._wake_hooks.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+                loop.call_soon_threadsafe(_set_events, seqs)  # type: ignore[attr-defined]
+        self._wake_hooks = {}
+
+
+def _set_events(seqs: list[Sequence]) -> None:
+    for s in seqs:
+        if s.event is not None:
+            s.event.set()

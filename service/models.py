@@ -1,0 +1,189 @@
+"""The served models: bundles found from the settings, each opened in one ONNX Runtime session with the
+configured execution providers, and the graph call the engine makes (tokens + state in, logits + state out)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.bundle import Bundle, load_bundle
+from service.manifest import MANIFEST
+from service.settings import ServerSettings
+from textgen.errors import BundleError, InvalidInputError, NotFoundError
+
+log = logging.getLogger("textgen.models")
+
+State = tuple[np.ndarray, ...]  # one array per state input, each [layers, batch, hidden]
+
+
+@dataclass
+class ServedModel:
+    """One bundle ready to run: the session, its tokenizer and what the engine needs to know of its graph."""
+
+    bundle: Bundle
+    unknown_policy: str  # "map" or "reject"
+    tokenizer_sha256: str = ""
+    state_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        m = self.bundle.manifest
+        self.state_names = list(m.graph.state)
+        self.tokenizer_sha256 = m.files[m.tokenizer.file]
+        self._outputs = ["logits", *(f"{s}_out" for s in self.state_names)]
+
+    @property
+    def name(self) -> str:
+        return self.bundle.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.bundle.manifest.version
+
+    @property
+    def tokenizer(self):
+        return self.bundle.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.bundle.manifest.model.vocab_size
+
+    @property
+    def state_shape(self) -> tuple[int, int]:
+        m = self.bundle.manifest.model
+        return m.num_layers, m.hidden_size
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of one sequence's recurrent state (float32): fixed per model, whatever the history length."""
+        layers, hidden = self.state_shape
+        return len(self.state_names) * layers * hidden * 4
+
+    def zero_state(self, batch: int = 1) -> State:
+        layers, hidden = self.state_shape
+        return tuple(np.zeros((layers, batch, hidden), np.float32) for _ in self.state_names)
+
+    def run(self, tokens: np.ndarray, positions: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """One graph call: ``tokens`` [batch, time] from ``state``; logits [batch, len(positions), vocab] at the
+        given time positions, and the state after the last token."""
+        feeds = {"tokens": tokens, "positions": positions}
+        feeds.update(zip(self.state_names, state, strict=True))
+        logits, *new_state = self.bundle.session.run(self._outputs, feeds)
+        return logits, tuple(new_state)
+
+    def encode_prompt(self, text: str, field_name: str) -> np.ndarray:
+        """Token ids of a prompt, applying the model's unknown-token policy."""
+        ids = self.tokenizer.encode(text)
+        if self.unknown_policy == "reject" and ids.size and (ids == self.tokenizer.unk_id).any():
+            offset, piece = self.tokenizer.unknown_pieces(text)[0]
+            what = "character" if self.tokenizer.level.value == "char" else "word"
+            shown = f"{piece!r} (U+{ord(piece):04X})" if len(piece) == 1 else repr(piece)
+            raise InvalidInputError(
+                f"{field_name}: {what} {shown} at offset {offset} is not in the vocabulary of model {self.name}"
+            )
+        return ids
+
+
+def session_options(settings: ServerSettings) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = settings.intra_op_threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
+def _providers(settings: ServerSettings) -> list[str]:
+    available = set(ort.get_available_providers())
+    wanted = [p for p in settings.providers if p in available]
+    unknown = [p for p in settings.providers if p not in available]
+    if unknown:
+        log.info("execution providers not in this ONNX Runtime build, skipped: %s", ", ".join(unknown))
+    return wanted or ["CPUExecutionProvider"]
+
+
+def _open(path: Path, settings: ServerSettings) -> ServedModel:
+    wanted = _providers(settings)
+    bundle = load_bundle(path, providers=wanted, session_options=session_options(settings))
+    used = bundle.providers
+    if wanted[0] not in used:
+        # e.g. onnxruntime-gpu on a machine without CUDA: ORT logs an error and silently runs on the CPU.
+        log.warning("model %s: %s was requested but the session runs on %s", path, wanted[0], ", ".join(used))
+    policy = settings.unknown_tokens
+    if policy == "auto":
+        policy = "reject" if bundle.manifest.tokenizer.level == "char" else "map"
+    model = ServedModel(bundle, policy)
+    log.info(
+        "loaded model %s version %s from %s: %s %dx%d, vocab %d, %s, providers %s",
+        model.name,
+        model.version,
+        path,
+        bundle.manifest.model.cell,
+        *model.state_shape,
+        model.vocab_size,
+        bundle.manifest.graph.precision,
+        ", ".join(used),
+    )
+    return model
+
+
+def _version_key(version: str) -> tuple[int, int | str]:
+    return (1, int(version)) if version.isdigit() else (0, version)
+
+
+def find_bundles(settings: ServerSettings) -> list[Path]:
+    """The bundle directories to serve: the one given, or the newest version of each model in the repository."""
+    if settings.bundle is not None:
+        return [settings.bundle]
+    repo = settings.model_repository
+    assert repo is not None
+    if not repo.is_dir():
+        raise BundleError(f"model repository not found: {repo}")
+    found = []
+    for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        versions = [v for v in model_dir.iterdir() if v.is_dir() and (v / MANIFEST).is_file()]
+        if versions:
+            found.append(max(versions, key=lambda v: _version_key(v.name)))
+    if not found:
+        raise BundleError(f"model repository {repo} holds no <model>/<version>/{MANIFEST} bundle")
+    return found
+
+
+class ModelRegistry:
+    """The models this server serves, by name."""
+
+    def __init__(self, models: list[ServedModel]) -> None:
+        self._models: dict[str, ServedModel] = {}
+        for m in models:
+            if m.name in self._models:
+                raise BundleError(
+                    f"two bundles are named {m.name!r}: {self._models[m.name].bundle.path}, {m.bundle.path}"
+                )
+            self._models[m.name] = m
+
+    @classmethod
+    def load(cls, settings: ServerSettings) -> ModelRegistry:
+        return cls([_open(p, settings) for p in find_bundles(settings)])
+
+    def __iter__(self):
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def get(self, name: str) -> ServedModel:
+        """The named model; an empty name means the only one served."""
+        if not name:
+            if len(self._models) == 1:
+                return next(iter(self._models.values()))
+            raise InvalidInputError(
+                f"model: required, this server serves {len(self._models)} models ({', '.join(sorted(self._models))})"
+            )
+        try:
+            return self._models[name]
+        except KeyError:
+            raise NotFoundError(
+                f"model {name!r} is not served here (served: {', '.join(sorted(self._models))})"
+            ) from None

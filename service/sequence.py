@@ -1,0 +1,136 @@
+"""One unit of work in the engine (a generation or a scoring pass) and what it hands back to the transport:
+text deltas and a final result, through a thread-safe outbox the gRPC handler drains."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.context import Context
+from service.stops import StopMatcher
+from textgen.errors import TextgenError
+from textgen.sampling import SamplingParams
+
+_ids = itertools.count(1)
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    DONE = "done"
+
+
+class Finish(enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    END_OF_TEXT = "end_of_text"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass
+class Delta:
+    text: str
+    logprobs: list[TokenLogprob]
+    tokens: int  # tokens behind this delta (for the stream buffer bound)
+
+
+@dataclass
+class Result:
+    """How a sequence ended, for the final message."""
+
+    finish: Finish | None = None
+    stop: str = ""
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seed: int = 0
+    context: Context | None = None  # the context after the generation (None if it failed)
+    error: TextgenError | None = None
+    queue_seconds: float = 0.0
+    prompt_seconds: float = 0.0
+    first_token_seconds: float = 0.0
+    total_seconds: float = 0.0
+    # scoring only
+    score_logprobs: np.ndarray | None = None
+    score_targets: np.ndarray | None = None
+
+
+@dataclass(eq=False)  # identity semantics: the engine keeps sequences in lists and compares them often
+class Sequence:
+    """Created by the transport, run by the engine thread, drained by the transport again."""
+
+    context: Context
+    feed: np.ndarray  # tokens to run before sampling (the prompt, with any pending token first)
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 0
+    stops: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    deadline: float | None = None  # time.monotonic() value
+    score_targets: np.ndarray | None = None  # a scoring pass: log-probability of targets[i] after feed[: i + 1]
+    loop: asyncio.AbstractEventLoop | None = None  # the transport's loop, woken when output is ready
+    on_ready: Callable[[], None] | None = None  # or a plain callback (engine thread), for loop-less consumers
+
+    def __post_init__(self) -> None:
+        self.id = next(_ids)
+        self.phase = Phase.WAITING
+        self.arrived = time.monotonic()
+        self.admitted = 0.0
+        self.first_token = 0.0
+        self.fed = 0  # tokens of ``feed`` already run
+        self.next_token = -1  # sampled, to be fed at the next decode step
+        self.previous = int(self.feed[-1]) if self.feed.size else None  # for word-level spacing
+        self.generated = 0
+        self.paused = False
+        self.cancel_reason: TextgenError | None = None
+        self.own_state = self.context.state  # the state while not part of the decode batch
+        self.stop_matcher = StopMatcher(self.stops)
+        self.outbox: deque[Delta] = deque()
+        # Tokens put in / taken out of the outbox; each counter has one writer thread, so no lock is needed.
+        self.produced_tokens = 0
+        self.consumed_tokens = 0
+        self.result: Result | None = None
+        self.event = asyncio.Event() if self.loop is not None else None
+        self.prompt_seconds = 0.0
+        self.score_parts: list[np.ndarray] = []
+
+    # -- transport side ------------------------------------------------------------------------------------
+    def cancel(self, reason: TextgenError) -> None:
+        """Ask the engine to retire this sequence at its next step (thread-safe: a single attribute write)."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+
+    def take(self) -> tuple[list[Delta], Result | None]:
+        """Everything produced since the last call (the deltas are coalesced by the caller)."""
+        result = self.result  # read first: every delta is queued before the result is set
+        out = []
+        while self.outbox:
+            d = self.outbox.popleft()
+            self.consumed_tokens += d.tokens
+            out.append(d)
+        return out, result
+
+    @property
+    def buffered_tokens(self) -> int:
+        return self.produced_tokens - self.consumed_tokens
+
+    @property
+    def score(self) -> bool:
+        return self.score_targets is not None
+
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE

@@ -1,0 +1,244 @@
+"""The gRPC transport: converts ``textgen.v1`` messages to and from the app's domain types, and maps domain
+errors to gRPC status codes in one place (``_rpc``). Nothing here decides anything about generation."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from service.app import App, GenerateSpec, Outcome
+from service.models import ServedModel
+from service.sequence import Delta, Finish, Result
+from textgen.errors import TextgenError, UnavailableError
+from textgen.v1 import textgen_pb2 as pb
+from textgen.v1 import textgen_pb2_grpc as pb_grpc
+
+log = logging.getLogger("textgen.grpc")
+
+_FINISH = {
+    Finish.LENGTH: pb.FINISH_REASON_LENGTH,
+    Finish.STOP: pb.FINISH_REASON_STOP,
+    Finish.END_OF_TEXT: pb.FINISH_REASON_END_OF_TEXT,
+    Finish.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+T = TypeVar("T")
+
+
+def status_code(error: TextgenError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
+
+
+def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Map a domain error to its status (message = the error's text); anything else is a bug: logged, INTERNAL."""
+
+    async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, TextgenError):
+            await context.abort(status_code(exc), str(exc))
+        log.exception("internal error in %s", method.__name__, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__} (logged on the server)")
+
+    if asyncio.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def unary(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                self._check_open()
+                return await method(self, request, context)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                await abort(context, exc)
+
+        return unary
+
+    @functools.wraps(method)
+    async def stream(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            self._check_open()
+            async for item in method(self, request, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await abort(context, exc)
+
+    return stream
+
+
+def _spec(r: pb.GenerateRequest) -> GenerateSpec:
+    return GenerateSpec(
+        model=r.model,
+        prompt=r.prompt,
+        max_tokens=r.max_tokens,
+        temperature=r.temperature if r.HasField("temperature") else None,
+        top_k=r.top_k,
+        top_p=r.top_p if r.HasField("top_p") else None,
+        repetition_penalty=r.repetition_penalty if r.HasField("repetition_penalty") else None,
+        seed=r.seed if r.HasField("seed") else None,
+        stop=list(r.stop),
+        logprobs=r.logprobs,
+        session_id=r.session_id,
+        snapshot=r.snapshot,
+        return_snapshot=r.return_snapshot,
+    )
+
+
+def _logprobs(deltas: list[Delta]) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob) for d in deltas for t in d.logprobs]
+
+
+def _completion(model: ServedModel, outcome: Outcome) -> pb.Completion:
+    r = outcome.result
+    return pb.Completion(
+        finish_reason=_FINISH.get(r.finish, pb.FINISH_REASON_UNSPECIFIED) if r.finish else pb.FINISH_REASON_UNSPECIFIED,
+        prompt_tokens=r.prompt_tokens,
+        generated_tokens=r.generated_tokens,
+        seed=r.seed,
+        model=model.name,
+        model_version=model.version,
+        timings=pb.Timings(
+            queue_seconds=r.queue_seconds,
+            prompt_seconds=r.prompt_seconds,
+            first_token_seconds=r.first_token_seconds,
+            total_seconds=r.total_seconds,
+        ),
+        stop=r.stop,
+        snapshot=outcome.snapshot,
+        session_id=outcome.session_id,
+    )
+
+
+def model_info(model: ServedModel, unknown_policy_text: dict[str, str]) -> pb.ModelInfo:
+    m = model.bundle.manifest
+    return pb.ModelInfo(
+        name=m.name,
+        version=m.version,
+        cell=m.model.cell,
+        num_layers=m.model.num_layers,
+        hidden_size=m.model.hidden_size,
+        vocab_size=m.model.vocab_size,
+        level=m.tokenizer.level,
+        precision=m.graph.precision,
+        execution_providers=model.bundle.providers,
+        state_bytes=model.state_bytes,
+        val_loss=m.provenance.val_loss or 0.0,
+        training_data=m.provenance.data,
+        training_steps=m.provenance.steps,
+        unknown_token_policy=unknown_policy_text[model.unknown_policy],
+        manifest_json=m.model_dump_json(),
+    )
+
+
+_UNKNOWN_POLICY = {
+    "map": "characters or words outside the vocabulary become <unk>",
+    "reject": "characters or words outside the vocabulary are rejected with INVALID_ARGUMENT",
+}
+
+
+class Servicer(pb_grpc.TextGenerationServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def _check_open(self) -> None:
+        if self.app.draining:
+            raise UnavailableError("server is shutting down; retry on another replica")
+
+    async def _run(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """Yield (deltas, outcome-or-None) for a generate call, settling it however the call ends."""
+        gen = self.app.start_generation(_spec(request), asyncio.get_running_loop(), context.time_remaining())
+        try:
+            async for deltas, result in self.app.follow(gen):
+                outcome = self.app.end_generation(gen) if result is not None else None
+                if result is not None and result.error is not None:
+                    raise result.error
+                yield gen.model, deltas, outcome
+        finally:
+            self.app.end_generation(gen)
+
+    @_rpc
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        parts: list[str] = []
+        logprobs: list[pb.TokenLogprob] = []
+        async for model, deltas, outcome in self._run(request, context):
+            parts.extend(d.text for d in deltas)
+            if request.logprobs:
+                logprobs.extend(_logprobs(deltas))
+            if outcome is not None:
+                return pb.GenerateResponse(text="".join(parts), logprobs=logprobs, complete=_completion(model, outcome))
+        raise AssertionError("generation ended without a result")
+
+    @_rpc
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        async for model, deltas, outcome in self._run(request, context):
+            msg = pb.GenerateStreamResponse(text="".join(d.text for d in deltas))
+            if request.logprobs:
+                msg.logprobs.extend(_logprobs(deltas))
+            if outcome is not None:
+                msg.complete.CopyFrom(_completion(model, outcome))
+            yield msg
+
+    @_rpc
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        scored = await self.app.score(request.model, request.text, asyncio.get_running_loop(), context.time_remaining())
+        model, loss = scored.model, scored.loss
+        reply = pb.ScoreResponse(
+            token_count=int(scored.token_ids.size),
+            loss=loss,
+            perplexity=math.exp(min(loss, 700.0)),
+            bits_per_char=loss / math.log(2) if model.tokenizer.level.value == "char" else 0.0,
+            model=model.name,
+            model_version=model.version,
+        )
+        if request.token_logprobs:
+            names = model.tokenizer.id_to_token
+            reply.tokens.extend(
+                pb.TokenLogprob(token_id=int(t), token=names[int(t)], logprob=float(lp))
+                for t, lp in zip(scored.token_ids, scored.logprobs, strict=True)
+            )
+        return reply
+
+    @_rpc
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ListModelsResponse(models=[model_info(m, _UNKNOWN_POLICY) for m in self.app.registry])
+
+    @_rpc
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return model_info(self.app.registry.get(request.model), _UNKNOWN_POLICY)
+
+    def _session_info(self, session: Any) -> pb.SessionInfo:
+        ctx = session.context
+        return pb.SessionInfo(
+            session_id=session.id,
+            model=ctx.model.name,
+            model_version=ctx.model.version,
+            token_count=ctx.token_count,
+            state_bytes=ctx.nbytes,
+            idle_ttl_seconds=self.app.sessions.ttl,
+        )
+
+    @_rpc
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> Any:
+        seed = request.seed if request.HasField("seed") else None
+        return self._session_info(self.app.create_session(request.model, request.snapshot, seed))
+
+    @_rpc
+    async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext) -> Any:
+        seed = request.seed if request.HasField("seed") else None
+        return self._session_info(self.app.fork_session(request.session_id, seed))
+
+    @_rpc
+    async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext) -> Any:
+        self.app.close_session(request.session_id)
+        return pb.CloseSessionResponse()
+
+
+__all__ = ["Result", "Servicer", "status_code"]

@@ -1,0 +1,116 @@
+"""The server's one settings object: built once at start-up from ``TEXTGEN_*`` environment variables and
+``textgen serve`` flags (flags win), validated there, and passed down. Nothing reads the environment elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from textgen.errors import ConfigError
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TEXTGEN_", extra="forbid", validate_default=True)
+
+    # -- what to serve -------------------------------------------------------------------------------------
+    bundle: Path | None = Field(None, description="serve this one bundle directory (holding manifest.json)")
+    model_repository: Path | None = Field(
+        None, description="serve every model in this directory of <model>/<version>/ bundles (newest version each)"
+    )
+    # -- network -------------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="address to listen on ([::] or 0.0.0.0 for all interfaces)")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Prometheus /metrics HTTP port (unset: no metrics endpoint)"
+    )
+    tls_cert_file: Path | None = Field(None, description="server certificate chain (PEM); enables TLS")
+    tls_key_file: Path | None = Field(None, description="server private key (PEM)")
+    tls_client_ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) that client certificates must chain to; enables mutual TLS"
+    )
+    max_message_bytes: int = Field(16 << 20, ge=1 << 16, description="largest gRPC message accepted or sent")
+    keepalive_seconds: float = Field(60.0, gt=0, description="HTTP/2 keepalive ping interval")
+    # -- engine --------------------------------------------------------------------------------------------
+    providers: Annotated[list[str], NoDecode] = Field(
+        ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="ONNX Runtime execution providers in priority order (comma-separated); "
+        "unavailable ones are skipped and the ones really used are reported",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per core)")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="sequences advanced together in one step")
+    max_queue: int = Field(256, ge=0, description="requests waiting for a batch slot before new ones are refused")
+    prefill_chunk_tokens: int = Field(
+        512, ge=1, description="prompt tokens run per step, so long prompts do not stall running streams"
+    )
+    max_prompt_tokens: int = Field(16384, ge=1, description="longest accepted prompt, in tokens")
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request leaves it 0")
+    max_stop_sequences: int = Field(16, ge=0, description="stop strings per request")
+    max_stop_chars: int = Field(256, ge=1, description="longest stop string, in characters")
+    stream_buffer_tokens: int = Field(
+        1024, ge=1, description="tokens generated but not yet sent that a stream may hold (slow readers)"
+    )
+    slow_reader_policy: Literal["wait", "cancel"] = Field(
+        "wait", description="when a stream's buffer is full: pause that sequence, or cancel it"
+    )
+    unknown_tokens: Literal["auto", "map", "reject"] = Field(
+        "auto",
+        description="prompt characters/words outside a model's vocabulary: map to <unk>, reject with "
+        "INVALID_ARGUMENT, or auto (reject for character models, map for word models)",
+    )
+    # -- sessions ------------------------------------------------------------------------------------------
+    max_sessions: int = Field(10000, ge=0, description="open sessions, all models together")
+    session_memory_bytes: int = Field(1 << 30, ge=0, description="memory all sessions' state may hold")
+    session_ttl_seconds: float = Field(600.0, gt=0, description="idle time after which a session expires")
+    snapshot_key: SecretStr | None = Field(
+        None,
+        description="HMAC key for state snapshots; replicas that share it resume each other's snapshots "
+        "(unset: a random key, so snapshots resume only on this process)",
+    )
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    grace_seconds: float = Field(30.0, ge=0, description="on SIGTERM, time running streams get to finish")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerSettings:
+        if (self.bundle is None) == (self.model_repository is None):
+            raise ValueError("give exactly one of bundle or model_repository")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens {self.default_max_tokens} exceeds max_tokens_limit {self.max_tokens_limit}"
+            )
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file {path}")
+        if self.metrics_port is not None and self.metrics_port == self.port and self.port != 0:
+            raise ValueError(f"metrics_port and port are both {self.port}")
+        return self
+
+
+def load_settings(**overrides: object) -> ServerSettings:
+    """Settings from the environment with ``overrides`` (CLI flags) on top; each bad value is a ``ConfigError``
+    naming the setting and its environment variable."""
+    try:
+        return ServerSettings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            where = f"{field} (TEXTGEN_{field.upper()})" if field else "settings"
+            problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("; ".join(problems)) from None
