@@ -1,13 +1,16 @@
 # Two commands for a fresh machine:
-#   make serve   create .venv, install everything, train the default model and sample from it
+#   make serve   create .venv, install everything, train and export the default model (once), then serve it
 #   make test    create .venv if needed and run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 RUN_DIR ?= runs/default
 STEPS ?= 1000
+BUNDLES ?= bundles
+MODEL ?= default
+PORT ?= 50051
 
-.PHONY: serve test install lint clean
+.PHONY: serve sample test install lint proto clean
 
 # torch goes first, pinned: the local CPU wheel; the project's torch range then installs nothing more.
 $(BIN)/.installed: pyproject.toml
@@ -24,7 +27,14 @@ $(RUN_DIR)/best.pt: | $(BIN)/.installed
 	if [ -f $(RUN_DIR)/last.pt ]; then $(BIN)/textgen train --out $(RUN_DIR) --resume; \
 	else $(BIN)/textgen train --out $(RUN_DIR) --max-steps $(STEPS) --eval-every 250; fi
 
-serve: $(RUN_DIR)/best.pt
+# Order-only: a bundle version is immutable, so a newer checkpoint does not overwrite it (export a new version).
+$(BUNDLES)/$(MODEL)/1/manifest.json: | $(RUN_DIR)/best.pt
+	$(BIN)/textgen export $(RUN_DIR)/best.pt --out $(BUNDLES)/$(MODEL)/1
+
+serve: $(BUNDLES)/$(MODEL)/1/manifest.json
+	$(BIN)/textgen serve --model-repository $(BUNDLES) --port $(PORT)
+
+sample: | $(RUN_DIR)/best.pt
 	$(BIN)/textgen sample $(RUN_DIR)/best.pt --prompt 'def ' --max-tokens 600 --temperature 0.7 --seed 1
 
 test: $(BIN)/.installed
@@ -34,5 +44,9 @@ test: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
+# Regenerate the committed gRPC stubs after editing proto/ (tests/test_proto.py fails while they drift).
+proto: $(BIN)/.installed
+	$(BIN)/python scripts/gen_stubs.py
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs bundles

@@ -74,6 +74,13 @@ class ServedModel:
         logits, *new_state = self.bundle.session.run(self._outputs, feeds)
         return logits, tuple(new_state)
 
+    def warm_up(self) -> None:
+        """Run a prompt-shaped and a step-shaped call once, so the first request does not pay for ONNX Runtime's
+        first-run allocations (about 15 ms on CPU)."""
+        start = np.full((1, 2), self.tokenizer.start_id, np.int64)
+        self.run(start, np.array([1]), self.zero_state(1))
+        self.run(start[:, :1], np.array([0]), self.zero_state(1))
+
     def encode_prompt(self, text: str, field_name: str) -> np.ndarray:
         """Token ids of a prompt, applying the model's unknown-token policy."""
         ids = self.tokenizer.encode(text)
@@ -115,6 +122,7 @@ def _open(path: Path, settings: ServerSettings) -> ServedModel:
     if policy == "auto":
         policy = "reject" if bundle.manifest.tokenizer.level == "char" else "map"
     model = ServedModel(bundle, policy)
+    model.warm_up()
     log.info(
         "loaded model %s version %s from %s: %s %dx%d, vocab %d, %s, providers %s",
         model.name,

@@ -14,7 +14,10 @@ def _loaded_after(statements: str) -> list[str]:
 
 
 def test_service_loads_neither_torch_nor_the_offline_packages() -> None:
-    loaded = _loaded_after("import service, service.bundle, service.manifest, textgen.tokenizer, textgen.sampling")
+    loaded = _loaded_after(
+        "import service, service.bundle, service.manifest, service.server, service.cli, textgen.client, "
+        "textgen.client_cli, textgen.tokenizer, textgen.sampling"
+    )
     roots = {m.split(".")[0] for m in loaded}
     assert not roots & {"torch", "training", "exporter", "onnx"}
 

@@ -14,6 +14,8 @@ from textgen.errors import TextgenError
 
 def build_parser() -> argparse.ArgumentParser:
     from exporter import cli as exporter_cli
+    from service import cli as service_cli
+    from textgen import client_cli
     from training import cli as training_cli
 
     parser = argparse.ArgumentParser(
@@ -24,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     training_cli.register(commands)
     exporter_cli.register(commands)
+    service_cli.register(commands)
+    client_cli.register(commands)
     return parser
 
 

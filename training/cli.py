@@ -9,6 +9,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
+from textgen.flags import add_sampling_flags
+
 from training.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from training.corpus import DataConfig
 
@@ -264,18 +266,7 @@ def _register_sample(commands: Any) -> None:
         "the service, so the same seed gives the same text there.",
     )
     p.add_argument("checkpoint", type=Path, help="a .pt checkpoint (e.g. runs/default/best.pt)")
-    p.add_argument("--prompt", default="", help="text to continue (default: empty, start of a line)")
-    p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate (default: 200)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, 0 = greedy (default: 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens, 0 = all (default: 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off (default: 1.0)")
-    p.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="penalise tokens already in the context, 1 = off (default: 1.0)",
-    )
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed to stderr)")
+    add_sampling_flags(p, max_tokens=200)
     p.set_defaults(handler=_sample)
 
 
