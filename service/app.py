@@ -189,9 +189,11 @@ class App:
         try:
             if spec.seed is not None and (session is not None or spec.snapshot):
                 ctx.reseed(spec.seed)
+            feed = self._feed(engine.model, ctx, spec.prompt, "prompt")
+            ctx.seen[feed] = True  # the repetition penalty covers the prompt too, as in the torch reference
             seq = Sequence(
                 context=ctx,
-                feed=self._feed(engine.model, ctx, spec.prompt, "prompt"),
+                feed=feed,
                 params=params,
                 max_tokens=max_tokens,
                 stops=stops,

@@ -294,7 +294,7 @@ class Engine:
                     self._decode.append(seq)
             seq.generated += 1
             seq.next_token = token
-            piece = tokenizer.pieces((token,), seq.previous)[0]
+            piece = tokenizer.piece(token, seq.previous)
             seq.previous = token
             lps = []
             if seq.logprobs:

@@ -42,3 +42,32 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -> P
         progress=False,
     )
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def fluent_run(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -> Path:
+    """Like ``trained_run`` but trained long enough (about a second) that greedy decoding reproduces corpus lines
+    instead of repeating one character, so tests of greedy output, stop strings and sessions are not vacuous."""
+    from training.run import run_train
+
+    root = tmp_path_factory.mktemp("fluent")
+    data = root / "corpus.txt"
+    data.write_text(corpus_text, encoding="utf-8")
+    run_train(
+        {"hidden_size": 48, "embedding_size": 16},
+        {"path": str(data)},
+        {"batch_size": 4, "bptt": 32, "max_steps": 300, "eval_every": 150, "lr": 1e-2},
+        root / "run",
+        progress=False,
+    )
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def served_bundle(tmp_path_factory: pytest.TempPathFactory, fluent_run: Path) -> Path:
+    """The ``fluent_run`` checkpoint exported once as an fp32 bundle named ``tiny``, version ``1``."""
+    from exporter.publish import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny" / "1"
+    export_bundle(fluent_run / "best.pt", out)
+    return out

@@ -94,3 +94,16 @@ def test_long_text_is_encoded_in_chunks_without_changing_ids() -> None:
         ids = tok.encode(text)
         single = np.concatenate([tok.encode(line)] * 200)
         assert np.array_equal(ids, single)
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_piece_by_piece_equals_pieces(level: str) -> None:
+    text = "the cat sat\non the mat\n\nthe end"
+    tok = TextTokenizer.build(level, count_tokens(Level(level), text))
+    ids = tok.encode(text).tolist()
+    for after in (None, ids[0]):
+        previous, pieces = after, []
+        for i in ids:
+            pieces.append(tok.piece(i, previous))
+            previous = i
+        assert pieces == tok.pieces(ids, after)

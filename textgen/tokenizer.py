@@ -165,6 +165,14 @@ class TextTokenizer:
         pieces decoded one at a time join into exactly the text decoded at once."""
         return "".join(self.pieces(ids, after))
 
+    def piece(self, token: int, after: int | None) -> str:
+        """The text piece of one token after ``after`` (the per-token fast path of ``pieces``)."""
+        if self.level is Level.CHAR:
+            return self._shown[token]
+        if token == self.eos_id:
+            return "\n"
+        return self._shown[token] if after is None or after == self.eos_id else " " + self._shown[token]
+
     def pieces(self, ids: Iterable[int], after: int | None = None) -> list[str]:
         """One text piece per id, in order (what a stream sends as each token is sampled)."""
         shown = self._shown

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from textgen.flags import add_sampling_flags
-
 from training.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from training.corpus import DataConfig
 

@@ -1,0 +1,1 @@
+"""Benchmarks: programs that report numbers (``textgen bench ...``), never timed tests."""
