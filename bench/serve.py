@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -106,37 +110,42 @@ async def drive(target: str, concurrency: int, max_tokens: int, prompt: str, par
     )
 
 
+def start_server(bundle: Path, threads: int, max_batch: int, max_tokens: int) -> tuple[subprocess.Popen, int]:
+    """``textgen serve`` in its own process, as users run it (in-process it would share the client's GIL)."""
+    cmd = [sys.executable, "-m", "textgen.cli", "serve", "--bundle", str(bundle), "--port", "0",
+           "--providers", "CPUExecutionProvider", "--intra-op-threads", str(threads),
+           "--max-batch-size", str(max_batch), "--max-tokens-limit", str(max(max_tokens, 16))]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if " on 127.0.0.1:" in line:
+            return proc, int(line.split(" on 127.0.0.1:")[1].split()[0])
+    raise RuntimeError(f"textgen serve exited with {proc.wait()}")
+
+
 def run_serve_bench(
     bundle: Path, concurrency: list[int], max_tokens: int, prompt: str, threads: int, out: Path | None
 ) -> dict:
     from service.models import ModelRegistry
-    from service.server import BackgroundServer
     from service.settings import load_settings
 
     params = SamplingParams(temperature=1.0)
-    settings = load_settings(
-        bundle=bundle,
-        port=0,
-        providers=["CPUExecutionProvider"],
-        intra_op_threads=threads,
-        max_batch_size=max(concurrency),
-        max_tokens_limit=max(max_tokens, 16),
-    )
-    registry = ModelRegistry.load(settings)
-    model = next(iter(registry))
+    settings = load_settings(bundle=bundle, port=0, providers=["CPUExecutionProvider"], intra_op_threads=threads)
+    model = next(iter(ModelRegistry.load(settings)))
     report: dict = {"bundle": str(bundle), "max_tokens": max_tokens, "threads": threads, "runs": []}
-    server = BackgroundServer(settings, registry)
+    server, port = start_server(bundle, threads, max(concurrency), max_tokens)
     try:
         for c in concurrency:
             raw = raw_engine(model, c, max(50, max_tokens), params)
-            load = asyncio.run(drive(f"127.0.0.1:{server.port}", c, max_tokens, prompt, params))
+            load = asyncio.run(drive(f"127.0.0.1:{port}", c, max_tokens, prompt, params))
             row = {"raw": asdict(raw), "server": asdict(load), "server_vs_raw": load.tokens_per_s / raw.tokens_per_s}
             if c == 1:
                 row["itl_p50_vs_raw_step"] = load.itl_p50_ms / raw.step_ms
             report["runs"].append(row)
             print(json.dumps(row), flush=True)
     finally:
-        server.stop()
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
     if out is not None:
         out.write_text(json.dumps(report, indent=1))
     return report

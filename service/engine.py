@@ -55,6 +55,7 @@ class Engine:
         self.chunk_tokens = settings.prefill_chunk_tokens
         self.buffer_limit = settings.stream_buffer_tokens
         self.cancel_slow_readers = settings.slow_reader_policy == "cancel"
+        self.max_stream_interval = min(settings.max_stream_interval, settings.stream_buffer_tokens)
         self.observer = observer or EngineObserver()
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()  # guarded by _cond
@@ -278,7 +279,14 @@ class Engine:
         return seq.own_state
 
     # -- sampling and output ----------------------------------------------------------------------------------
+    def stream_interval(self, running: int) -> int:
+        """Tokens gathered per stream message at this batch size. Each message costs the transport far more CPU
+        than a token costs the engine, so under load (as vLLM's stream interval does) a stream's tokens go out a
+        few at a time; with a handful of streams every token is sent as soon as it is sampled."""
+        return max(1, min(self.max_stream_interval, running // 4))
+
     def _sample(self, rows: list[Sequence], logits: np.ndarray) -> None:
+        interval = self.stream_interval(len(rows))
         params = [s.params for s in rows]
         rngs = [s.context.rng for s in rows]
         seen = [s.context.seen for s in rows]
@@ -309,7 +317,7 @@ class Engine:
                 self._finish(seq, finish=Finish.STOP, stop=stop)
             elif seq.generated >= seq.max_tokens:
                 self._finish(seq, finish=Finish.LENGTH)
-            else:
+            elif seq.buffered_tokens >= interval:
                 self._touch(seq)
 
     def _finish(

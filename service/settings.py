@@ -53,6 +53,12 @@ class ServerSettings(BaseSettings):
     stream_buffer_tokens: int = Field(
         1024, ge=1, description="tokens generated but not yet sent that a stream may hold (slow readers)"
     )
+    max_stream_interval: int = Field(
+        16,
+        ge=1,
+        description="under load, tokens a stream may gather into one message: 1 streams every token always; "
+        "otherwise every token while few streams run, growing with the batch (running / 4) up to this",
+    )
     slow_reader_policy: Literal["wait", "cancel"] = Field(
         "wait", description="when a stream's buffer is full: pause that sequence, or cancel it"
     )
