@@ -85,6 +85,8 @@ class TextgenServer:
             raise ConfigError(f"cannot listen on {address}: {exc}") from None
         if port == 0:
             raise ConfigError(f"cannot listen on {address} (in use, or not an address of this machine)")
+        if settings.metrics_port is not None:
+            log.warning("metrics_port is set, but this version exports no Prometheus metrics yet")
         self.app.start()
         await server.start()
         self._server, self.port = server, port
