@@ -63,6 +63,7 @@ class Engine:
         self._decode: list[Sequence] = []  # includes paused sequences
         self._rows: list[Sequence] = []  # sequences whose state is in _batch_state, in row order
         self._batch_state: State = ()
+        self._admitted = 0
         self._draining = False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{model.name}", daemon=True)
@@ -91,7 +92,9 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._prefill) + len(self._decode)
+        """Admitted sequences (prompt or decode). A counter, not the two lists' lengths: a sequence moves from
+        one list to the other mid-step, and ``submit`` reads this from another thread."""
+        return self._admitted
 
     @property
     def queued(self) -> int:
@@ -99,7 +102,7 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not self._waiting and not self._prefill and not self._decode
+        return not self._waiting and self._admitted == 0
 
     def drain(self) -> None:
         """Take no new work; what is queued or running goes on."""
@@ -150,6 +153,7 @@ class Engine:
             seq.phase = Phase.PREFILL
             seq.admitted = now
             self._prefill.append(seq)
+            self._admitted += 1
             self.observer.admitted(seq)
 
     def _reap_reason(self, seq: Sequence, now: float) -> TextgenError | None:
@@ -338,6 +342,8 @@ class Engine:
             self._prefill.remove(seq)
         if seq in self._decode:
             self._decode.remove(seq)
+        if seq.phase is not Phase.WAITING:
+            self._admitted -= 1
         seq.phase = Phase.DONE
         result = Result(
             finish=finish if error is None else None,
