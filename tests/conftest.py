@@ -26,41 +26,34 @@ def corpus_file(tmp_path: Path, corpus_text: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -> Path:
-    """A tiny char model trained once for the tests that need a checkpoint."""
+def _train_tiny(tmp_path_factory: pytest.TempPathFactory, corpus_text: str, name: str, steps: int) -> Path:
+    """A 48-unit char LSTM trained for ``steps`` on ``corpus_text``; returns its run directory."""
     from training.run import run_train
 
-    root = tmp_path_factory.mktemp("trained")
+    root = tmp_path_factory.mktemp(name)
     data = root / "corpus.txt"
     data.write_text(corpus_text, encoding="utf-8")
     run_train(
         {"hidden_size": 48, "embedding_size": 16},
         {"path": str(data)},
-        {"batch_size": 4, "bptt": 32, "max_steps": 40, "eval_every": 20, "lr": 1e-2},
+        {"batch_size": 4, "bptt": 32, "max_steps": steps, "eval_every": steps // 2, "lr": 1e-2},
         root / "run",
         progress=False,
     )
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -> Path:
+    """A tiny char model trained once for the tests that need a checkpoint."""
+    return _train_tiny(tmp_path_factory, corpus_text, "trained", 40)
 
 
 @pytest.fixture(scope="session")
 def fluent_run(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -> Path:
     """Like ``trained_run`` but trained long enough (about a second) that greedy decoding reproduces corpus lines
     instead of repeating one character, so tests of greedy output, stop strings and sessions are not vacuous."""
-    from training.run import run_train
-
-    root = tmp_path_factory.mktemp("fluent")
-    data = root / "corpus.txt"
-    data.write_text(corpus_text, encoding="utf-8")
-    run_train(
-        {"hidden_size": 48, "embedding_size": 16},
-        {"path": str(data)},
-        {"batch_size": 4, "bptt": 32, "max_steps": 300, "eval_every": 150, "lr": 1e-2},
-        root / "run",
-        progress=False,
-    )
-    return root / "run"
+    return _train_tiny(tmp_path_factory, corpus_text, "fluent", 300)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ Both clients speak the ``textgen.v1`` protocol through the generated stubs; noth
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,14 @@ def generate_request(prompt: str = "", **options: Any) -> pb.GenerateRequest:
     return pb.GenerateRequest(prompt=prompt, **{k: v for k, v in options.items() if v is not None})
 
 
+def _same(reply: Any) -> Any:
+    return reply
+
+
+def _status_name(reply: Any) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
 def channel_credentials(
     root_certificates: Path | None = None, client_cert: Path | None = None, client_key: Path | None = None
 ) -> grpc.ChannelCredentials:
@@ -59,8 +67,18 @@ def channel_credentials(
 
 
 class _Base:
-    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None, timeout: float | None, aio: bool):
-        mod = grpc.aio if aio else grpc
+    """The unary calls, written once: ``_call`` is a plain call in ``Client`` and a coroutine in ``AsyncClient``,
+    so each method here returns the reply (sync) or an awaitable of it (asyncio)."""
+
+    _aio = False
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        mod = grpc.aio if self._aio else grpc
         options = [("grpc.max_receive_message_length", 64 << 20)]
         self.channel = (
             mod.secure_channel(target, credentials, options) if credentials else mod.insecure_channel(target, options)
@@ -69,16 +87,41 @@ class _Base:
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
 
+    def _call(self, method: Any, request: Any, then: Callable[[Any], Any] = _same) -> Any:
+        raise NotImplementedError
+
+    def generate(self, prompt: str = "", **options: Any) -> Any:
+        """A ``GenerateResponse``: the whole continuation."""
+        return self._call(self.stub.Generate, generate_request(prompt, **options))
+
+    def score(self, text: str, model: str = "", token_logprobs: bool = False) -> Any:
+        """A ``ScoreResponse``: loss, perplexity and (optionally) per-token log-probabilities of ``text``."""
+        return self._call(self.stub.Score, pb.ScoreRequest(model=model, text=text, token_logprobs=token_logprobs))
+
+    def list_models(self) -> Any:
+        """The served models (``ModelInfo`` list)."""
+        return self._call(self.stub.ListModels, pb.ListModelsRequest(), lambda reply: list(reply.models))
+
+    def get_model(self, model: str = "") -> Any:
+        return self._call(self.stub.GetModel, pb.GetModelRequest(model=model))
+
+    def create_session(self, model: str = "", seed: int | None = None, snapshot: bytes = b"") -> Any:
+        """A ``SessionInfo`` for a new session (from ``snapshot`` when given)."""
+        return self._call(self.stub.CreateSession, pb.CreateSessionRequest(model=model, seed=seed, snapshot=snapshot))
+
+    def fork_session(self, session_id: str, seed: int | None = None) -> Any:
+        return self._call(self.stub.ForkSession, pb.ForkSessionRequest(session_id=session_id, seed=seed))
+
+    def close_session(self, session_id: str) -> Any:
+        return self._call(self.stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), lambda _: None)
+
+    def health(self, service: str = "") -> Any:
+        """The health status name (``SERVING``, ``NOT_SERVING``, ...) of the server or of ``models/<name>``."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        return self._call(self.health_stub.Check, request, _status_name)
+
 
 class Client(_Base):
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        credentials: grpc.ChannelCredentials | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        super().__init__(target, credentials, timeout, aio=False)
-
     def __enter__(self) -> Client:
         return self
 
@@ -88,14 +131,11 @@ class Client(_Base):
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method: Any, request: Any) -> Any:
+    def _call(self, method: Any, request: Any, then: Callable[[Any], Any] = _same) -> Any:
         try:
-            return method(request, timeout=self.timeout)
+            return then(method(request, timeout=self.timeout))
         except grpc.RpcError as exc:
             raise _remote(exc) from None
-
-    def generate(self, prompt: str = "", **options: Any) -> pb.GenerateResponse:
-        return self._call(self.stub.Generate, generate_request(prompt, **options))
 
     def stream(self, prompt: str = "", **options: Any) -> Iterator[pb.GenerateStreamResponse]:
         """The stream's messages; the last one has ``complete`` set. Closing the iterator cancels the call."""
@@ -112,38 +152,9 @@ class Client(_Base):
             if msg.text:
                 yield msg.text
 
-    def score(self, text: str, model: str = "", token_logprobs: bool = False) -> pb.ScoreResponse:
-        return self._call(self.stub.Score, pb.ScoreRequest(model=model, text=text, token_logprobs=token_logprobs))
-
-    def list_models(self) -> list[pb.ModelInfo]:
-        return list(self._call(self.stub.ListModels, pb.ListModelsRequest()).models)
-
-    def get_model(self, model: str = "") -> pb.ModelInfo:
-        return self._call(self.stub.GetModel, pb.GetModelRequest(model=model))
-
-    def create_session(self, model: str = "", seed: int | None = None, snapshot: bytes = b"") -> pb.SessionInfo:
-        return self._call(self.stub.CreateSession, pb.CreateSessionRequest(model=model, seed=seed, snapshot=snapshot))
-
-    def fork_session(self, session_id: str, seed: int | None = None) -> pb.SessionInfo:
-        return self._call(self.stub.ForkSession, pb.ForkSessionRequest(session_id=session_id, seed=seed))
-
-    def close_session(self, session_id: str) -> None:
-        self._call(self.stub.CloseSession, pb.CloseSessionRequest(session_id=session_id))
-
-    def health(self, service: str = "") -> str:
-        """The health status name (``SERVING``, ``NOT_SERVING``, ...) of the server or of ``models/<name>``."""
-        reply = self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service))
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-
 
 class AsyncClient(_Base):
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        credentials: grpc.ChannelCredentials | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        super().__init__(target, credentials, timeout, aio=True)
+    _aio = True
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -154,14 +165,11 @@ class AsyncClient(_Base):
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _call(self, method: Any, request: Any) -> Any:
+    async def _call(self, method: Any, request: Any, then: Callable[[Any], Any] = _same) -> Any:
         try:
-            return await method(request, timeout=self.timeout)
+            return then(await method(request, timeout=self.timeout))
         except grpc.RpcError as exc:
             raise _remote(exc) from None
-
-    async def generate(self, prompt: str = "", **options: Any) -> pb.GenerateResponse:
-        return await self._call(self.stub.Generate, generate_request(prompt, **options))
 
     async def stream(self, prompt: str = "", **options: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
         call = self.stub.GenerateStream(generate_request(prompt, **options), timeout=self.timeout)
@@ -177,26 +185,3 @@ class AsyncClient(_Base):
         async for msg in self.stream(prompt, **options):
             if msg.text:
                 yield msg.text
-
-    async def score(self, text: str, model: str = "", token_logprobs: bool = False) -> pb.ScoreResponse:
-        return await self._call(self.stub.Score, pb.ScoreRequest(model=model, text=text, token_logprobs=token_logprobs))
-
-    async def list_models(self) -> list[pb.ModelInfo]:
-        return list((await self._call(self.stub.ListModels, pb.ListModelsRequest())).models)
-
-    async def get_model(self, model: str = "") -> pb.ModelInfo:
-        return await self._call(self.stub.GetModel, pb.GetModelRequest(model=model))
-
-    async def create_session(self, model: str = "", seed: int | None = None, snapshot: bytes = b"") -> pb.SessionInfo:
-        request = pb.CreateSessionRequest(model=model, seed=seed, snapshot=snapshot)
-        return await self._call(self.stub.CreateSession, request)
-
-    async def fork_session(self, session_id: str, seed: int | None = None) -> pb.SessionInfo:
-        return await self._call(self.stub.ForkSession, pb.ForkSessionRequest(session_id=session_id, seed=seed))
-
-    async def close_session(self, session_id: str) -> None:
-        await self._call(self.stub.CloseSession, pb.CloseSessionRequest(session_id=session_id))
-
-    async def health(self, service: str = "") -> str:
-        reply = await self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service))
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
