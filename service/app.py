@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.context import Context
-from service.engine import Engine, EngineObserver
+from service.engine import Engine
+from service.metrics import Metrics
 from service.models import ModelRegistry, ServedModel
 from service.sequence import Delta, Result, Sequence
 from service.sessions import Session, SessionStore
 from service.settings import ServerSettings
 from service.snapshots import SnapshotCodec
-from textgen.errors import CancelledError, InvalidInputError
+from textgen.errors import CancelledError, InvalidInputError, TextgenError
 from textgen.sampling import SamplingParams
 
 log = logging.getLogger("textgen.app")
@@ -89,11 +90,13 @@ def _finite(name: str, value: float | None, default: float) -> float:
 
 
 class App:
-    def __init__(self, settings: ServerSettings, registry: ModelRegistry, observer: EngineObserver | None = None):
+    def __init__(self, settings: ServerSettings, registry: ModelRegistry, metrics: Metrics | None = None):
         self.settings = settings
         self.registry = registry
-        self.engines = {m.name: Engine(m, settings, observer) for m in registry}
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.engines = {m.name: Engine(m, settings, self.metrics.observer(m.name)) for m in registry}
         self.sessions = SessionStore(settings.max_sessions, settings.session_memory_bytes, settings.session_ttl_seconds)
+        self.metrics.bind(self)
         key = settings.snapshot_key.get_secret_value().encode() if settings.snapshot_key else None
         self.snapshots = SnapshotCodec(key)
         if self.snapshots.ephemeral_key:
@@ -116,6 +119,16 @@ class App:
     def stop(self) -> None:
         for engine in self.engines.values():
             engine.stop()
+
+    def model_label(self, model: str, session_id: str = "") -> str:
+        """The metrics label for a call naming ``model`` (or a session): a served model's name, or "unknown",
+        never the caller's string (label values must stay a small, fixed set)."""
+        if not model and session_id:
+            return self.sessions.model_of(session_id) or "unknown"
+        try:
+            return self.registry.get(model).name
+        except TextgenError:
+            return "unknown"
 
     # -- generation -----------------------------------------------------------------------------------------
     def _params(self, spec: GenerateSpec) -> SamplingParams:

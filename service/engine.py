@@ -40,11 +40,21 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 class EngineObserver:
     """Hooks for metrics; the default does nothing. Called on the engine thread."""
 
-    def step(self, phase: str, batch: int, tokens: int, seconds: float) -> None: ...
+    def step(self, phase: str, batch: int, tokens: int, seconds: float) -> None:
+        """One graph call: ``phase`` "prompt" or "decode", ``tokens`` run for ``batch`` sequences."""
 
-    def admitted(self, seq: Sequence) -> None: ...
+    def admitted(self, seq: Sequence) -> None:
+        """``seq`` left the queue for a batch slot."""
 
-    def finished(self, seq: Sequence) -> None: ...
+    def first_token(self, seconds: float) -> None:
+        """A generation's first token, ``seconds`` after it arrived."""
+
+    def sampled(self, count: int, gaps: list[float]) -> None:
+        """A step sampled ``count`` tokens; ``gaps``: for each sequence that had sampled before, the seconds
+        since its previous token."""
+
+    def finished(self, seq: Sequence) -> None:
+        """``seq`` ended, however (its result is set)."""
 
 
 class Engine:
@@ -297,13 +307,18 @@ class Engine:
         tokens = sample_batch(logits, params, rngs, seen)
         now = time.monotonic()
         tokenizer = self.model.tokenizer
+        gaps: list[float] = []
         for i, (seq, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             seq.context.seen[token] = True
             if seq.generated == 0:
                 seq.first_token = now
+                self.observer.first_token(now - seq.arrived)
                 if seq.phase is Phase.PREFILL:  # joins the decode batch at the next regather
                     seq.phase = Phase.DECODE
                     self._decode.append(seq)
+            else:
+                gaps.append(now - seq.last_token)
+            seq.last_token = now
             seq.generated += 1
             seq.next_token = token
             piece = tokenizer.piece(token, seq.previous)
@@ -323,6 +338,7 @@ class Engine:
                 self._finish(seq, finish=Finish.LENGTH)
             elif seq.buffered_tokens >= interval:
                 self._touch(seq)
+        self.observer.sampled(len(rows), gaps)
 
     def _finish(
         self, seq: Sequence, finish: Finish | None = None, stop: str = "", error: TextgenError | None = None

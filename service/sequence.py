@@ -90,6 +90,7 @@ class Sequence:
         self.arrived = time.monotonic()
         self.admitted = 0.0
         self.first_token = 0.0
+        self.last_token = 0.0  # when its latest token was sampled
         self.fed = 0  # tokens of ``feed`` already run
         self.next_token = -1  # sampled, to be fed at the next decode step
         self.previous = int(self.feed[-1]) if self.feed.size else None  # for word-level spacing

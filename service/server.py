@@ -66,6 +66,7 @@ class TextgenServer:
         self.app = App(settings, self.registry)
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
@@ -86,17 +87,23 @@ class TextgenServer:
         if port == 0:
             raise ConfigError(f"cannot listen on {address} (in use, or not an address of this machine)")
         if settings.metrics_port is not None:
-            log.warning("metrics_port is set, but this version exports no Prometheus metrics yet")
+            try:
+                self.metrics_port = self.app.metrics.serve(settings.host, settings.metrics_port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot serve metrics on {_address(settings.host, settings.metrics_port)}: {exc}"
+                ) from None
         self.app.start()
         await server.start()
         self._server, self.port = server, port
         for name in ("", SERVICE_NAME, *(model_health_name(m.name) for m in self.registry)):
             await self.health.set(name, SERVING)
         log.info(
-            "textgen serving %s on %s (%s)",
+            "textgen serving %s on %s (%s)%s",
             ", ".join(f"{m.name}:{m.version} [{', '.join(m.bundle.providers)}]" for m in self.registry),
             _address(settings.host, port),
             "mutual TLS" if settings.tls_client_ca_file else "TLS" if creds else "plaintext",
+            f"; metrics on http://{_address(settings.host, self.metrics_port)}/metrics" if self.metrics_port else "",
         )
         return port
 
@@ -116,6 +123,7 @@ class TextgenServer:
         self.app.stop()  # anything left ends with finish reason CANCELLED
         await asyncio.sleep(0.05)  # let the final messages go out
         await self._server.stop(grace=1.0)
+        self.app.metrics.close()
         self._stopped.set()
         log.info("stopped")
 

@@ -13,9 +13,10 @@ from typing import Any, TypeVar
 import grpc
 
 from service.app import App, GenerateSpec, Outcome
+from service.metrics import Call
 from service.models import ServedModel
 from service.sequence import Delta, Finish, Result
-from textgen.errors import TextgenError, UnavailableError
+from textgen.errors import CancelledError, DeadlineExceededError, TextgenError, UnavailableError
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as pb_grpc
 
@@ -35,39 +36,58 @@ def status_code(error: TextgenError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
 
 
+def _interrupted(context: grpc.aio.ServicerContext) -> TextgenError:
+    """Why a call's task was cancelled under it: its deadline passed, or the client went away."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return DeadlineExceededError("deadline exceeded")
+    return CancelledError("the client cancelled or disconnected")
+
+
 def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Map a domain error to its status (message = the error's text); anything else is a bug: logged, INTERNAL."""
+    """The one place a call ends: map a domain error to its status (message = the error's text; anything else is
+    a bug: logged, INTERNAL) and count the call in the metrics exactly once, however it ends."""
+    name = method.__name__
 
     async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         if isinstance(exc, TextgenError):
             await context.abort(status_code(exc), str(exc))
-        log.exception("internal error in %s", method.__name__, exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__} (logged on the server)")
+        log.exception("internal error in %s", name, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name} (logged on the server)")
 
     if asyncio.iscoroutinefunction(method):
 
         @functools.wraps(method)
         async def unary(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = self._begin(name, request)
             try:
                 self._check_open()
-                return await method(self, request, context)
-            except (asyncio.CancelledError, grpc.aio.AbortError):
+                reply = await method(self, request, context)
+            except asyncio.CancelledError:
+                call.end(_interrupted(context))
                 raise
             except Exception as exc:
+                call.end(exc)
                 await abort(context, exc)
+            call.end()
+            return reply
 
         return unary
 
     @functools.wraps(method)
     async def stream(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = self._begin(name, request)
         try:
             self._check_open()
             async for item in method(self, request, context):
                 yield item
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed while its message was being sent
+            call.end(_interrupted(context))
             raise
         except Exception as exc:
+            call.end(exc)
             await abort(context, exc)
+        call.end()
 
     return stream
 
@@ -145,6 +165,13 @@ _UNKNOWN_POLICY = {
 class Servicer(pb_grpc.TextGenerationServicer):
     def __init__(self, app: App) -> None:
         self.app = app
+
+    def _begin(self, method: str, request: Any) -> Call:
+        if not hasattr(request, "model") and not hasattr(request, "session_id"):
+            return self.app.metrics.call(method, "")  # about no one model (ListModels)
+        return self.app.metrics.call(
+            method, self.app.model_label(getattr(request, "model", ""), getattr(request, "session_id", ""))
+        )
 
     def _check_open(self) -> None:
         if self.app.draining:

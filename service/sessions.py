@@ -78,6 +78,11 @@ class SessionStore:
         self._sessions.move_to_end(session_id)
         return session
 
+    def model_of(self, session_id: str) -> str | None:
+        """The open session's model name, without touching its LRU position or TTL."""
+        session = self._sessions.get(session_id)
+        return session.context.model.name if session is not None else None
+
     def acquire(self, session_id: str) -> Session:
         """The session, marked busy for one generation; a second concurrent call is refused."""
         session = self.get(session_id)

@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from live_server import Live
 
 # A small corpus with enough structure to learn quickly and enough lines for word-level work.
 _LINES = [
@@ -64,3 +69,19 @@ def served_bundle(tmp_path_factory: pytest.TempPathFactory, fluent_run: Path) ->
     out = tmp_path_factory.mktemp("bundles") / "tiny" / "1"
     export_bundle(fluent_run / "best.pt", out)
     return out
+
+
+@pytest.fixture
+def serve(served_bundle: Path) -> Iterator[Callable[..., Live]]:
+    """Start a real server on the ``served_bundle`` with settings overrides; each is stopped after the test."""
+    from live_server import start_server
+
+    started: list[Live] = []
+
+    def start(**overrides: Any) -> Live:
+        started.append(start_server(served_bundle, **overrides))
+        return started[-1]
+
+    yield start
+    for live in reversed(started):
+        live.close()

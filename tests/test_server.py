@@ -19,149 +19,27 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from service.engine import Engine, EngineObserver
-from service.sequence import Sequence
-from service.server import BackgroundServer
-from service.settings import load_settings
 from textgen.errors import CancelledError, DeadlineExceededError
 from textgen.sampling import SamplingParams
 from textgen.tokenizer import TextTokenizer
 from textgen.v1 import textgen_pb2 as pb
-from textgen.v1 import textgen_pb2_grpc as pb_grpc
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.generate import generate_text
 from training.model import RNNLanguageModel
 
-MODEL = "tiny"  # the served bundle is <tmp>/tiny/1
-CALL_TIMEOUT = 30.0  # every call gets a deadline, so a bug shows up as a failure, not a hung test run
+from live_server import CALL_TIMEOUT, MODEL, Live, rpc_error, start_server, stream_text, wait_until
+
 LONG = 1_000_000  # max_tokens of a generation that cannot end during a test (servers that allow it raise the limit)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-# -- harness --------------------------------------------------------------------------------------------------
-
-
-class Recorder(EngineObserver):
-    """Remembers the decode batch sizes and the sequences that finished (called on the engine thread)."""
-
-    def __init__(self) -> None:
-        self.decode_batches: list[int] = []
-        self.done: list[Sequence] = []
-
-    def step(self, phase: str, batch: int, tokens: int, seconds: float) -> None:
-        if phase == "decode":
-            self.decode_batches.append(batch)
-
-    def finished(self, seq: Sequence) -> None:
-        self.done.append(seq)
-
-
-class Gate:
-    """Holds the engine thread inside the model's graph call until ``release``: whatever is submitted meanwhile
-    waits (queued, or in flight for the sequence whose call is held)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._model = engine.model
-        self._run = engine.model.run
-        self.entered = threading.Event()
-        self._open = threading.Event()
-        self._model.run = self._held  # type: ignore[method-assign]
-
-    def _held(self, *args: Any) -> Any:
-        self.entered.set()
-        if not self._open.wait(CALL_TIMEOUT):
-            raise AssertionError("gate never released")
-        return self._run(*args)
-
-    def wait_entered(self) -> None:
-        assert self.entered.wait(CALL_TIMEOUT), "the engine never ran the model"
-
-    def release(self) -> None:
-        self._open.set()
-        self._model.__dict__.pop("run", None)
-
-
-class Live:
-    """A running server with a channel and stubs to it."""
-
-    def __init__(self, server: BackgroundServer) -> None:
-        self.server = server
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-        self.stub = pb_grpc.TextGenerationStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    @property
-    def engine(self) -> Engine:
-        return self.server.app.engines[MODEL]
-
-    def observe(self) -> Recorder:
-        recorder = Recorder()
-        self.engine.observer = recorder
-        return recorder
-
-    def gate(self) -> Gate:
-        return Gate(self.engine)
-
-    def generate(self, prompt: str = "", timeout: float = CALL_TIMEOUT, **fields: Any) -> pb.GenerateResponse:
-        return self.stub.Generate(pb.GenerateRequest(prompt=prompt, **fields), timeout=timeout)
-
-    def stream(self, prompt: str = "", timeout: float = CALL_TIMEOUT, **fields: Any) -> Any:
-        """The streaming call (a ``grpc.Call`` and iterator of ``GenerateStreamResponse``), already started."""
-        return self.stub.GenerateStream(pb.GenerateRequest(prompt=prompt, **fields), timeout=timeout)
-
-    def on_loop(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` run on the server's event loop thread (the app's sessions are not thread-safe)."""
-
-        async def run() -> Any:
-            return fn()
-
-        return self.server.call(run)
-
-    def check(self, service: str) -> int:
-        return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT).status
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.stop()
-
-
-def _start(bundle: Path, **overrides: Any) -> Live:
-    settings = load_settings(
-        **{
-            "bundle": bundle,
-            "host": "127.0.0.1",
-            "port": 0,
-            "providers": ["CPUExecutionProvider"],
-            "intra_op_threads": 1,
-            "snapshot_key": "test-key",
-            "log_level": "warning",
-            **overrides,
-        }
-    )
-    return Live(BackgroundServer(settings))
-
-
-@pytest.fixture
-def serve(served_bundle: Path) -> Iterator[Callable[..., Live]]:
-    """Start a server with settings overrides; every server started is stopped after the test."""
-    started: list[Live] = []
-
-    def start(**overrides: Any) -> Live:
-        started.append(_start(served_bundle, **overrides))
-        return started[-1]
-
-    yield start
-    for live in reversed(started):
-        live.close()
-
-
 @pytest.fixture(scope="module")
 def live(served_bundle: Path) -> Iterator[Live]:
     """One server with the default limits, shared by the tests that change nothing on it."""
-    server = _start(served_bundle)
+    server = start_server(served_bundle)
     yield server
     server.close()
 
@@ -177,29 +55,6 @@ def reference_text(
     """What the torch reference sampler (``textgen sample``) generates."""
     model, tokenizer = reference
     return "".join(generate_text(model, tokenizer, prompt, max_tokens, SamplingParams(**params), seed))
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = CALL_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.01)
-
-
-def rpc_error(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> grpc.RpcError:
-    """The ``grpc.RpcError`` that ``fn(*args, **kwargs)`` raises (streams are read to the end)."""
-    with pytest.raises(grpc.RpcError) as info:
-        out = fn(*args, **kwargs)
-        if hasattr(out, "__next__"):
-            list(out)
-    return info.value
-
-
-def stream_text(call: Any) -> tuple[str, pb.GenerateStreamResponse]:
-    messages = list(call)
-    assert all(not m.HasField("complete") for m in messages[:-1]) and messages[-1].HasField("complete")
-    return "".join(m.text for m in messages), messages[-1]
 
 
 # -- 1. Generate and GenerateStream ---------------------------------------------------------------------------
@@ -678,7 +533,7 @@ def test_full_queue_is_resource_exhausted(serve: Callable[..., Live]) -> None:
 
 @pytest.fixture(scope="module")
 def limited(served_bundle: Path) -> Iterator[Live]:
-    server = _start(served_bundle, max_tokens_limit=50, default_max_tokens=20, max_prompt_tokens=20)
+    server = start_server(served_bundle, max_tokens_limit=50, default_max_tokens=20, max_prompt_tokens=20)
     yield server
     server.close()
 
