@@ -15,6 +15,7 @@ gaps go into numpy bucket counts at once (``_TokenHistogram``) and are exported 
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_SMALL = 16  # observations per call below which the pure-Python path is faster
 
 
 class _TokenHistogram:
@@ -49,6 +51,7 @@ class _TokenHistogram:
     def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
         self.name, self.documentation = name, documentation
         self.bounds = np.asarray(buckets, dtype=np.float64)
+        self._bounds = [float(b) for b in buckets]
         self._lock = threading.Lock()
         self._counts: dict[str, np.ndarray] = {}
         self._sums: dict[str, float] = {}
@@ -62,7 +65,13 @@ class _TokenHistogram:
 
     def observe_many(self, model: str, values: Sequence[float]) -> None:
         """Add every value in ``values`` (``ensure`` must have been called for ``model``)."""
-        if not values:
+        if len(values) <= _SMALL:  # a few rows: plain bisect beats numpy's per-call overhead (~2 vs ~10 us)
+            slots = [bisect.bisect_left(self._bounds, v) for v in values]
+            with self._lock:
+                counts = self._counts[model]
+                for i in slots:
+                    counts[i] += 1
+                self._sums[model] += sum(values)
             return
         v = np.asarray(values, dtype=np.float64)
         # slot i counts values <= bounds[i] (and > bounds[i-1]); the last slot is +Inf
