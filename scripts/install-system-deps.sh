@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Debian packages the deployment tests use: Prometheus and promtool, the Docker engine (started by hand by the
+# live stack test), debootstrap (builds the local base image, since no image can be pulled). Idempotent.
+set -euo pipefail
+need=()
+command -v promtool >/dev/null || need+=(prometheus)
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+if [ ${#need[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends "${need[@]}" >/dev/null \
+        || { apt-get update >/dev/null && apt-get install -y --no-install-recommends "${need[@]}" >/dev/null; }
+fi

