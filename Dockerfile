@@ -21,6 +21,16 @@ RUN python3 -m venv /opt/venv \
     && mkdir -p /models /runs && chown textgen:textgen /models /runs
 
 
+# The project's code, once for both images; each copies it in after its dependencies.
+FROM scratch AS source
+COPY pyproject.toml README.md /src/
+COPY textgen /src/textgen/
+COPY training /src/training/
+COPY exporter /src/exporter/
+COPY service /src/service/
+COPY bench /src/bench/
+
+
 FROM runtime AS serve-build
 WORKDIR /src
 # Dependencies first, from pyproject.toml alone: a code edit rebuilds only the layers after `COPY textgen`.
@@ -33,12 +43,7 @@ ARG CUDA_LIBS="onnxruntime-gpu[cuda,cudnn]"
 # hadolint ignore=SC2086
 RUN python requirements.py serve > requirements.txt \
     && pip install "setuptools>=77" -r requirements.txt $CUDA_LIBS
-COPY README.md ./
-COPY textgen textgen/
-COPY training training/
-COPY exporter exporter/
-COPY service service/
-COPY bench bench/
+COPY --from=source /src ./
 RUN pip install --no-deps --no-build-isolation .
 
 
@@ -52,12 +57,7 @@ ARG TORCH="torch==2.13.0"
 RUN pip install "$TORCH" \
     && python requirements.py train serve > requirements.txt \
     && pip install "setuptools>=77" -r requirements.txt
-COPY README.md ./
-COPY textgen textgen/
-COPY training training/
-COPY exporter exporter/
-COPY service service/
-COPY bench bench/
+COPY --from=source /src ./
 RUN pip install --no-deps --no-build-isolation .
 COPY deploy/train-and-export.sh /usr/local/bin/textgen-train-and-export
 USER 10001:10001
