@@ -99,6 +99,7 @@ def session_options(settings: ServerSettings) -> ort.SessionOptions:
     opts.intra_op_num_threads = settings.intra_op_threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.intra_op_spinning else "0")
     return opts
 
 

@@ -40,6 +40,11 @@ class ServerSettings(BaseSettings):
         "unavailable ones are skipped and the ones really used are reported",
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per core)")
+    intra_op_spinning: bool = Field(
+        False,
+        description="let ONNX Runtime's intra-op threads spin between graph calls: lower latency on cores of their "
+        "own; off leaves the cores to the gRPC transport between steps",
+    )
     max_batch_size: int = Field(64, ge=1, le=4096, description="sequences advanced together in one step")
     max_queue: int = Field(256, ge=0, description="requests waiting for a batch slot before new ones are refused")
     prefill_chunk_tokens: int = Field(

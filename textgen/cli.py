@@ -13,6 +13,7 @@ from textgen.errors import TextgenError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bench import cli as bench_cli
     from exporter import cli as exporter_cli
     from service import cli as service_cli
     from textgen import client_cli
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     exporter_cli.register(commands)
     service_cli.register(commands)
     client_cli.register(commands)
+    bench_cli.register(commands)
     return parser
 
 

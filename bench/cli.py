@@ -1,0 +1,113 @@
+"""``textgen bench serve|train|quality``: the benchmark programs. Each writes JSON (and plots) into ``--out`` and
+prints its figures; docs/benchmarks.md states them with the command that made them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def register(commands: Any) -> None:
+    p = commands.add_parser("bench", help="benchmarks: serving, training speed, bundle quality")
+    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="a real server under C concurrent streams vs the raw engine, batch-1 serving and a torch eager loop",
+        description="Exports CHECKPOINT to one bundle per precision, starts `textgen serve` on it and drives it "
+        "with C concurrent streaming clients; in the same run measures the raw ONNX Runtime decode loop at "
+        "batch C, the server with --max-batch-size 1, and a plain PyTorch eager loop. Writes serve.json and "
+        "PNG plots into --out.",
+    )
+    serve.add_argument("checkpoint", type=Path)
+    serve.add_argument("--concurrency", type=_ints, default=[1, 8, 32, 64, 128], help="C values (default: %(default)s)")
+    serve.add_argument("--max-tokens", type=int, default=256, help="sampled tokens per stream (default: %(default)s)")
+    serve.add_argument("--precisions", type=_names, default=["fp32"], help="fp32,int8 (default: fp32)")
+    serve.add_argument("--threads", type=int, default=0, help="ONNX Runtime / torch threads (0: one per core)")
+    serve.add_argument("--eager-requests", type=int, default=4, help="requests the torch loop runs (default: 4)")
+    serve.add_argument("--repeats", type=int, default=3, help="alternating raw/server runs per C; medians kept")
+    serve.add_argument("--out", type=Path, default=Path("bench-results/serve"))
+    serve.set_defaults(handler=_serve)
+
+    train = sub.add_parser(
+        "train",
+        help="`textgen train` tokens/s vs a minimal hand-written PyTorch loop on the same model and data",
+        description="For each preset, runs `textgen train` and a minimal PyTorch loop alternately, twice each, "
+        "for --steps steps, and reports the best tokens/s of each and their ratio. Writes train.json into --out.",
+    )
+    train.add_argument("--data-root", type=Path, required=True, help="holds tinyshakespeare/input.txt and ptb/")
+    train.add_argument("--presets", type=_names, default=["char-2x512", "word-2x200"])
+    train.add_argument("--steps", type=int, default=60, help="optimizer steps per measurement (default: 60)")
+    train.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    train.add_argument("--out", type=Path, default=Path("bench-results/train"))
+    train.set_defaults(handler=_train)
+
+    quality = sub.add_parser(
+        "quality",
+        help="a checkpoint's loss vs its fp32 and int8 bundles scored through a real server",
+        description="Scores the start of the checkpoint's validation (or test) split with the torch model and "
+        "through `Score` on a server serving its exported bundles. Writes quality.json into --out.",
+    )
+    quality.add_argument("checkpoint", type=Path)
+    quality.add_argument("--split", choices=["valid", "test"], default="valid")
+    quality.add_argument("--tokens", type=int, default=50_000, help="tokens of the split to score")
+    quality.add_argument("--precisions", type=_names, default=["fp32", "int8"])
+    quality.add_argument(
+        "--block",
+        type=int,
+        default=0,
+        help="also the loss over independent N-token windows of the whole split, "
+        "each from a zero state (nanoGPT's protocol: 256 for its char models); 0: skip",
+    )
+    quality.add_argument("--out", type=Path, default=Path("bench-results/quality"))
+    quality.set_defaults(handler=_quality)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from bench.serve import run_serve_bench
+
+    run_serve_bench(
+        args.checkpoint,
+        args.out,
+        args.concurrency,
+        args.max_tokens,
+        args.precisions,
+        args.threads,
+        args.eager_requests,
+        args.repeats,
+    )
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from bench.train import PRESETS, run_train_bench
+
+    unknown = [p for p in args.presets if p not in PRESETS]
+    if unknown:
+        from textgen.errors import ConfigError
+
+        raise ConfigError(f"--presets: unknown {', '.join(unknown)} (choose from {', '.join(PRESETS)})")
+    run_train_bench(args.data_root, args.out, args.presets, args.steps, args.threads)
+    return 0
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from bench.quality import run_quality_bench
+
+    run_quality_bench(args.checkpoint, args.out, args.split, args.tokens, args.precisions, args.block)
+    return 0

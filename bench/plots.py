@@ -1,0 +1,78 @@
+"""The benchmark plots (matplotlib, written as PNG next to the JSON they are drawn from)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_serve(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Throughput vs concurrency (textgen, raw engine, batch-1 server, torch eager) and latency percentiles, one
+    pair of plots per precision."""
+    plt = _pyplot()
+    written = []
+    eager = report["torch_eager"]["tokens_per_s"]
+    for precision, rows in report["precisions"].items():
+        cs = [r["concurrency"] for r in rows]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.plot(cs, [r["raw"]["tokens_per_s"] for r in rows], "k--o", label="raw engine loop (no gRPC)")
+        ax.plot(cs, [r["server"]["tokens_per_s"] for r in rows], "b-o", label="textgen serve")
+        ax.plot(cs, [r["server_batch1"]["tokens_per_s"] for r in rows], "r-s", label="textgen, max batch 1")
+        ax.axhline(eager, color="g", linestyle=":", label="PyTorch eager loop")
+        ax.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="tokens/s (all streams)")
+        ax.set_xticks(cs, [str(c) for c in cs])
+        ax.set_title(f"Throughput, {precision}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        path = out_dir / f"serve-throughput-{precision}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+        for key, style in (("p50", "-o"), ("p99", "--o")):
+            left.plot(cs, [r["server"][f"ttft_{key}_ms"] for r in rows], style, label=f"time to first token {key}")
+            right.plot(cs, [r["server"][f"itl_{key}_ms"] for r in rows], style, label=f"inter-token {key}")
+        right.plot(cs, [r["raw"]["step_ms"] for r in rows], "k:", label="raw engine step")
+        for ax, title in ((left, "Time to first token"), (right, "Inter-token latency")):
+            ax.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="ms", title=f"{title}, {precision}")
+            ax.set_xticks(cs, [str(c) for c in cs])
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        path = out_dir / f"serve-latency-{precision}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
+    """Training and validation loss against step, from ``metrics.jsonl`` records, one colour per run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, records) in enumerate(runs.items()):
+        colour = f"C{i}"
+        train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        if train:
+            ax.plot(*zip(*train, strict=True), color=colour, alpha=0.5, label=f"{name} train")
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", color=colour, label=f"{name} validation")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

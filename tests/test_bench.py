@@ -1,0 +1,50 @@
+"""The benchmark programs run end to end on a tiny checkpoint (behaviour only: what they write and that their
+comparisons are like for like; their figures come from real runs, recorded in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from textgen.cli import main
+
+
+def test_bench_serve_writes_every_comparison_and_the_plots(trained_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "serve"
+    argv = ["bench", "serve", str(trained_run / "best.pt"), "--concurrency", "1,3", "--max-tokens", "12",
+            "--threads", "1", "--eager-requests", "1", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "serve.json").read_text())
+    assert report["torch_eager"]["tokens"] == 12
+    rows = report["precisions"]["fp32"]
+    assert [r["concurrency"] for r in rows] == [1, 3]
+    for row in rows:
+        assert row["server"]["tokens"] == 12 * row["concurrency"]  # every stream got all its tokens
+        assert row["server_batch1"]["tokens"] == 12 * row["concurrency"]
+        assert row["raw"]["batch"] == row["concurrency"]
+        for key in ("vs_raw", "vs_batch1", "vs_torch_eager"):
+            assert row[key] > 0
+    assert "itl_p50_vs_raw_step" in rows[0]
+    assert (out / "serve-throughput-fp32.png").stat().st_size > 0
+    assert (out / "serve-latency-fp32.png").stat().st_size > 0
+
+
+def test_bench_quality_scores_the_bundle_as_the_checkpoint(trained_run: Path, tmp_path: Path) -> None:
+    from bench.quality import run_quality_bench
+
+    report = run_quality_bench(trained_run / "best.pt", tmp_path / "quality", "valid", 300, ["fp32", "int8"])
+    assert report["tokens"] > 100
+    assert abs(report["fp32"]["delta_vs_torch"]) < 1e-4  # the served fp32 bundle is the checkpoint
+    assert abs(report["int8"]["delta_vs_torch"]) < 0.1
+    assert json.loads((tmp_path / "quality" / "quality.json").read_text())["fp32"] == report["fp32"]
+
+
+def test_minimal_training_loop_trains_the_checkpoints_model(trained_run: Path) -> None:
+    from bench.train import minimal_loop
+
+    speed = minimal_loop(trained_run / "last.pt", steps=3)
+    assert speed.tokens == 3 * 4 * 32  # the run's batch size and BPTT window
+    assert speed.tokens_per_s > 0
