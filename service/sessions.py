@@ -63,7 +63,8 @@ class SessionStore:
                     "is generating"
                 )
             self._end(victim, "evicted")
-        session = Session(secrets.token_urlsafe(18), context, self._clock())
+        # a prefix, so an id never starts with "-" (token_urlsafe's alphabet has it) and reads as a CLI flag
+        session = Session("s_" + secrets.token_urlsafe(18), context, self._clock())
         self._sessions[session.id] = session
         self.bytes += need
         return session

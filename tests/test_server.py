@@ -342,6 +342,14 @@ def test_closed_session_is_gone(live: Live) -> None:
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_session_ids_never_read_as_command_line_flags(live: Live) -> None:
+    # token_urlsafe ids start with "-" one time in 64, and `textgen generate --session ID` then fails
+    ids = [live.stub.CreateSession(pb.CreateSessionRequest(), timeout=CALL_TIMEOUT).session_id for _ in range(200)]
+    assert len(set(ids)) == 200 and not any(i.startswith("-") for i in ids)
+    for sid in ids:
+        live.stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=CALL_TIMEOUT)
+
+
 def test_busy_session_refuses_a_second_call(live: Live) -> None:
     sid = live.stub.CreateSession(pb.CreateSessionRequest(seed=1), timeout=CALL_TIMEOUT).session_id
     gate = live.gate()
