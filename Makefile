@@ -10,7 +10,7 @@ BUNDLES ?= bundles
 MODEL ?= default
 PORT ?= 50051
 
-.PHONY: serve sample test install lint proto clean
+.PHONY: serve sample test install lint proto clean bench
 
 # torch goes first, pinned: the local CPU wheel; the project's torch range then installs nothing more.
 $(BIN)/.installed: pyproject.toml
@@ -50,3 +50,16 @@ proto: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) runs bundles
+
+# The runs behind docs/benchmarks.md (hours on 2 CPU cores; the data sets are in ../shared/data).
+DATA ?= ../shared/data
+bench: | $(BIN)/.installed
+	[ -f runs/shakespeare/best.pt ] || $(BIN)/textgen train --data $(DATA)/tinyshakespeare/input.txt --split 0.9,0.1,0 \
+		--hidden 512 --layers 2 --dropout 0.2 --batch-size 32 --bptt 128 --max-steps 1900 --eval-every 250 --out runs/shakespeare
+	[ -f runs/ptb-650/best.pt ] || $(BIN)/textgen train --data $(DATA)/ptb --level word --hidden 650 --layers 2 \
+		--dropout 0.5 --batch-size 20 --bptt 35 --max-steps 60 --eval-every 60 --out runs/ptb-650
+	$(BIN)/textgen bench quality runs/shakespeare/best.pt --split valid --tokens 111520 --block 256 --out bench-results/quality-shakespeare
+	$(BIN)/textgen bench serve runs/shakespeare/best.pt --out bench-results/serve-char512
+	$(BIN)/textgen bench serve runs/ptb-650/best.pt --precisions fp32,int8 --out bench-results/serve-word650
+	$(BIN)/textgen bench train --data-root $(DATA) --out bench-results/train
+	$(BIN)/textgen bench train --data-root $(DATA) --presets word-2x200 --steps 300 --out bench-results/train-word300
