@@ -15,6 +15,21 @@ def _pyplot() -> Any:
     return plt
 
 
+def _decorate(ax: Any, cs: list[int], **labels: str) -> None:
+    """Log-log axes over the concurrency values, with a grid and a legend."""
+    ax.set(xscale="log", yscale="log", xlabel="concurrent streams", **labels)
+    ax.set_xticks(cs, [str(c) for c in cs])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_serve(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """Throughput vs concurrency (textgen, raw engine, batch-1 server, torch eager) and latency percentiles, one
     pair of plots per precision."""
@@ -28,16 +43,8 @@ def plot_serve(report: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.plot(cs, [r["server"]["tokens_per_s"] for r in rows], "b-o", label="textgen serve")
         ax.plot(cs, [r["server_batch1"]["tokens_per_s"] for r in rows], "r-s", label="textgen, max batch 1")
         ax.axhline(eager, color="g", linestyle=":", label="PyTorch eager loop")
-        ax.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="tokens/s (all streams)")
-        ax.set_xticks(cs, [str(c) for c in cs])
-        ax.set_title(f"Throughput, {precision}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        path = out_dir / f"serve-throughput-{precision}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        _decorate(ax, cs, ylabel="tokens/s (all streams)", title=f"Throughput, {precision}")
+        written.append(_save(plt, fig, out_dir / f"serve-throughput-{precision}.png"))
 
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
         for key, style in (("p50", "-o"), ("p99", "--o")):
@@ -45,15 +52,8 @@ def plot_serve(report: dict[str, Any], out_dir: Path) -> list[Path]:
             right.plot(cs, [r["server"][f"itl_{key}_ms"] for r in rows], style, label=f"inter-token {key}")
         right.plot(cs, [r["raw"]["step_ms"] for r in rows], "k:", label="raw engine step")
         for ax, title in ((left, "Time to first token"), (right, "Inter-token latency")):
-            ax.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="ms", title=f"{title}, {precision}")
-            ax.set_xticks(cs, [str(c) for c in cs])
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
-        path = out_dir / f"serve-latency-{precision}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+            _decorate(ax, cs, ylabel="ms", title=f"{title}, {precision}")
+        written.append(_save(plt, fig, out_dir / f"serve-latency-{precision}.png"))
     return written
 
 
@@ -72,7 +72,4 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

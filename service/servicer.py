@@ -4,6 +4,7 @@ errors to gRPC status codes in one place (``_rpc``). Nothing here decides anythi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -44,50 +45,34 @@ def _interrupted(context: grpc.aio.ServicerContext) -> TextgenError:
     return CancelledError("the client cancelled or disconnected")
 
 
-def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
-    """The one place a call ends: map a domain error to its status (message = the error's text; anything else is
-    a bug: logged, INTERNAL) and count the call in the metrics exactly once, however it ends."""
-    name = method.__name__
+async def _abort(name: str, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """End the call with the error's status (message = the error's text); anything else is a bug: logged,
+    INTERNAL."""
+    if isinstance(exc, TextgenError):
+        await context.abort(status_code(exc), str(exc))
+    log.exception("internal error in %s", name, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name} (logged on the server)")
 
-    async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-        if isinstance(exc, TextgenError):
-            await context.abort(status_code(exc), str(exc))
-        log.exception("internal error in %s", name, exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name} (logged on the server)")
+
+def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The one place a call ends (``Servicer._ending``): its error mapped to a status and the call counted in
+    the metrics exactly once, however it ends. Unary and streaming handlers differ only in how they hand back."""
+    name = method.__name__
 
     if asyncio.iscoroutinefunction(method):
 
         @functools.wraps(method)
         async def unary(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = self._begin(name, request)
-            try:
-                self._check_open()
-                reply = await method(self, request, context)
-            except asyncio.CancelledError:
-                call.end(_interrupted(context))
-                raise
-            except Exception as exc:
-                call.end(exc)
-                await abort(context, exc)
-            call.end()
-            return reply
+            async with self._ending(name, request, context):
+                return await method(self, request, context)
 
         return unary
 
     @functools.wraps(method)
     async def stream(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        call = self._begin(name, request)
-        try:
-            self._check_open()
+        async with self._ending(name, request, context):
             async for item in method(self, request, context):
                 yield item
-        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed while its message was being sent
-            call.end(_interrupted(context))
-            raise
-        except Exception as exc:
-            call.end(exc)
-            await abort(context, exc)
-        call.end()
 
     return stream
 
@@ -165,6 +150,20 @@ _UNKNOWN_POLICY = {
 class Servicer(pb_grpc.TextGenerationServicer):
     def __init__(self, app: App) -> None:
         self.app = app
+
+    @contextlib.asynccontextmanager
+    async def _ending(self, name: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        call = self._begin(name, request)
+        try:
+            self._check_open()
+            yield
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: a stream closed while a message was sent
+            call.end(_interrupted(context))
+            raise
+        except Exception as exc:
+            call.end(exc)
+            await _abort(name, context, exc)
+        call.end()
 
     def _begin(self, method: str, request: Any) -> Call:
         if not hasattr(request, "model") and not hasattr(request, "session_id"):
