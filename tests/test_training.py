@@ -51,7 +51,7 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run_dir / "last.pt")["model"]
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+@pytest.mark.parametrize("schedule", ["cosine", "plateau", "step"])
 def test_resume_gives_the_same_weights_as_training_straight(tmp_path: Path, corpus_file: Path, schedule: str) -> None:
     model = {**TINY_MODEL, "dropout": 0.3}  # dropout makes the RNG state matter
     train = {**TINY_TRAIN, "max_steps": 12, "eval_every": 4, "schedule": schedule, "warmup_steps": 3}
@@ -67,6 +67,15 @@ def test_resume_gives_the_same_weights_as_training_straight(tmp_path: Path, corp
         assert torch.equal(straight[name], split[name]), name
     logged = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "val_loss" in r] == [4, 8, 12]
+
+
+def test_step_schedule_decays_once_per_epoch_after_decay_after(tmp_path: Path, corpus_file: Path) -> None:
+    train = {**TINY_TRAIN, "schedule": "step", "decay_after": 2, "decay_factor": 0.5, "lr": 0.1, "log_every": 1}
+    run_train(TINY_MODEL, {"path": str(corpus_file)}, train, tmp_path / "r", epochs=4, progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["epoch"]: r["lr"] for r in logged if "lr" in r and r["epoch"] < 4}
+    # the lr logged in an epoch is the one its steps use: full for epochs 0 and 1, then halved per epoch
+    assert lrs == pytest.approx({0: 0.1, 1: 0.1, 2: 0.05, 3: 0.025})
 
 
 def test_resume_with_another_model_config_is_an_error(tmp_path: Path, corpus_file: Path) -> None:

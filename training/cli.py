@@ -35,7 +35,8 @@ _TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     (
         "--schedule",
         "schedule",
-        "learning-rate schedule: cosine (with warm-up), plateau (decay when validation stalls) or constant",
+        "learning-rate schedule: cosine (with warm-up), plateau (decay when validation stalls), "
+        "step (decay per epoch after --decay-after epochs) or constant",
         {"choices": SCHEDULES},
     ),
     ("--warmup-steps", "warmup_steps", "linear warm-up steps (cosine)", {"type": int}),
@@ -47,6 +48,8 @@ _TRAIN_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
         "plateau: evaluations without improvement before a decay",
         {"type": int},
     ),
+    ("--decay-after", "decay_after", "step: epochs at the full lr before decaying", {"type": int, "metavar": "N"}),
+    ("--decay-factor", "decay_factor", "step: multiply the lr by this each later epoch", {"type": float}),
     ("--eval-every", "eval_every", "evaluate and checkpoint every N steps", {"type": int, "metavar": "N"}),
     ("--eval-batch-size", "eval_batch_size", "streams used for evaluation", {"type": int, "metavar": "N"}),
     (

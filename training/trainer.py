@@ -1,5 +1,6 @@
-"""The training loop: truncated BPTT with the state carried across windows, clipping, AdamW/SGD, a cosine or
-plateau schedule, periodic evaluation, early stopping, best/last checkpoints and an exact ``--resume``."""
+"""The training loop: truncated BPTT with the state carried across windows, clipping, AdamW/SGD, a cosine,
+plateau or per-epoch step schedule, periodic evaluation, early stopping, best/last checkpoints and an exact
+``--resume``."""
 
 from __future__ import annotations
 
@@ -57,13 +58,17 @@ def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Any:
     if cfg.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
         )
     if cfg.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: cfg.decay_factor ** max(0, step // steps_per_epoch - cfg.decay_after + 1)
+        )
 
     def cosine(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -126,9 +131,9 @@ def train(
     torch.manual_seed(cfg.seed)
     model = RNNLanguageModel(model_cfg).to(device)
     opt = _make_optimizer(model, cfg)
-    sched = _make_scheduler(opt, cfg)
     stream = batchify(corpus.train, cfg.batch_size, cfg.bptt).to(device)
     n_windows = windows_per_epoch(stream, cfg.bptt)
+    sched = _make_scheduler(opt, cfg, n_windows)
     step, epoch, position = 0, 0, 0
     state: State = model.init_state(cfg.batch_size)
     best_val, since_best = math.inf, 0
