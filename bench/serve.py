@@ -37,6 +37,10 @@ class LoadResult:
     itl_p50_ms: float
     itl_p99_ms: float
     messages_per_stream: float
+    # CPU time per generated token: the server process (all its threads) and this client process. On a small
+    # machine the two share the cores, so these say where the time goes wherever the client runs.
+    server_cpu_ms_per_token: float | None = None
+    client_cpu_ms_per_token: float | None = None
 
 
 @dataclass
@@ -45,6 +49,7 @@ class RawResult:
     steps: int
     step_ms: float
     tokens_per_s: float
+    cpu_ms_per_token: float  # this process's CPU time (ONNX Runtime's threads included) per token
 
 
 @dataclass
@@ -66,12 +71,12 @@ def raw_engine(model: Any, batch: int, steps: int, params: SamplingParams) -> Ra
     position = np.zeros(1, np.int64)
     for _ in range(5):  # warm up
         logits, state = model.run(tokens, position, state)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         logits, state = model.run(tokens, position, state)
         tokens = sample_batch(logits[:, 0], plist, rngs, seen).reshape(-1, 1)
-    seconds = time.perf_counter() - start
-    return RawResult(batch, steps, seconds / steps * 1e3, batch * steps / seconds)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return RawResult(batch, steps, seconds / steps * 1e3, batch * steps / seconds, cpu / (batch * steps) * 1e3)
 
 
 def torch_eager(checkpoint: Path, requests: int, max_tokens: int, temperature: float, threads: int) -> EagerResult:
@@ -119,8 +124,11 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q) * 1e3) if xs else 0.0
 
 
-async def drive(target: str, concurrency: int, max_tokens: int, temperature: float) -> LoadResult:
-    """C streams started at once, each asking for ``max_tokens`` sampled tokens with its own seed."""
+async def drive(
+    target: str, concurrency: int, max_tokens: int, temperature: float, server_pid: int | None = None
+) -> LoadResult:
+    """C streams started at once, each asking for ``max_tokens`` sampled tokens with its own seed. With
+    ``server_pid`` (a local server), the server's CPU time is read from /proc around the run."""
     import grpc
 
     from textgen.v1 import textgen_pb2 as pb
@@ -130,15 +138,18 @@ async def drive(target: str, concurrency: int, max_tokens: int, temperature: flo
         stub = pb_grpc.TextGenerationStub(channel)
         await stub.Generate(pb.GenerateRequest(max_tokens=4, seed=0))  # connect and warm up
         out: list[tuple[float, list[float], list[int], int]] = []
-        start = time.perf_counter()
+        server_cpu = process_cpu_seconds(server_pid)
+        start, client_cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(
             *(
                 _stream(stub, pb.GenerateRequest(max_tokens=max_tokens, temperature=temperature, seed=i), out)
                 for i in range(concurrency)
             )
         )
-        seconds = time.perf_counter() - start
+        seconds, client_cpu = time.perf_counter() - start, time.process_time() - client_cpu
+        server_cpu_after = process_cpu_seconds(server_pid)
     tokens = sum(r[3] for r in out)
+    per_token = 1e3 / max(1, tokens)
     ttft = [r[1][0] - r[0] for r in out if r[1]]
     itl: list[float] = []
     for _, stamps, sizes, total in out:
@@ -156,7 +167,20 @@ async def drive(target: str, concurrency: int, max_tokens: int, temperature: flo
         _pct(itl, 50),
         _pct(itl, 99),
         float(np.mean([len(r[1]) for r in out])),
+        None if server_cpu is None or server_cpu_after is None else (server_cpu_after - server_cpu) * per_token,
+        client_cpu * per_token,
     )
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """User plus system CPU time of a process and all its threads, from /proc (Linux; None elsewhere)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
 
 
 class ServerProcess:
@@ -185,6 +209,9 @@ class ServerProcess:
                 raise RuntimeError(f"textgen serve exited with {self.proc.returncode}: {self.log.read()[-2000:]}")
             time.sleep(0.1)
         raise RuntimeError("textgen serve did not start listening within 120 s")
+
+    def drive(self, concurrency: int, max_tokens: int, temperature: float) -> LoadResult:
+        return asyncio.run(drive(f"127.0.0.1:{self.port}", concurrency, max_tokens, temperature, self.proc.pid))
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -267,7 +294,7 @@ def run_serve_bench(
                 raws, loads = [], []
                 for _ in range(repeats):
                     raws.append(raw_engine(model, c, max(64, max_tokens), params))
-                    loads.append(asyncio.run(drive(f"127.0.0.1:{batched.port}", c, max_tokens, temperature)))
+                    loads.append(batched.drive(c, max_tokens, temperature))
                 raw, load = _median(raws), _median(loads)
                 rows.append({
                     "concurrency": c, "raw": asdict(raw), "server": asdict(load),
@@ -278,9 +305,7 @@ def run_serve_bench(
         single = ServerProcess(bundle, threads, 1, max_tokens)
         try:
             for row in rows:
-                row["server_batch1"] = asdict(
-                    asyncio.run(drive(f"127.0.0.1:{single.port}", row["concurrency"], max_tokens, temperature))
-                )
+                row["server_batch1"] = asdict(single.drive(row["concurrency"], max_tokens, temperature))
         finally:
             single.stop()
         for row in rows:
@@ -310,6 +335,11 @@ def _summary(row: dict[str, Any]) -> dict[str, Any]:
         "vs_torch_eager": round(row["vs_torch_eager"], 1),
         "ttft_ms": [round(s["ttft_p50_ms"], 2), round(s["ttft_p99_ms"], 2)],
         "itl_ms": [round(s["itl_p50_ms"], 3), round(s["itl_p99_ms"], 3)],
+        "cpu_ms_per_token": {
+            "raw": round(row["raw"]["cpu_ms_per_token"], 4),
+            "server": s["server_cpu_ms_per_token"] and round(s["server_cpu_ms_per_token"], 4),
+            "client": round(s["client_cpu_ms_per_token"], 4),
+        },
     }
     if "itl_p50_vs_raw_step" in row:
         out["itl_p50_vs_raw_step"] = round(row["itl_p50_vs_raw_step"], 3)

@@ -27,6 +27,8 @@ def test_bench_serve_writes_every_comparison_and_the_plots(trained_run: Path, tm
         assert row["raw"]["batch"] == row["concurrency"]
         for key in ("vs_raw", "vs_batch1", "vs_torch_eager"):
             assert row[key] > 0
+        assert row["raw"]["cpu_ms_per_token"] > 0 and row["server"]["client_cpu_ms_per_token"] > 0
+        assert row["server"]["server_cpu_ms_per_token"] >= 0  # read from /proc in 10 ms ticks: may round to 0
     assert "itl_p50_vs_raw_step" in rows[0]
     assert (out / "serve-throughput-fp32.png").stat().st_size > 0
     assert (out / "serve-latency-fp32.png").stat().st_size > 0
