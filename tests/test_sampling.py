@@ -101,3 +101,19 @@ def test_batched_sampling_equals_row_by_row(vocab: int) -> None:
         alone = [sample_token(logits[i], params[i], new_rng(1000 * step + i), seen[i]) for i in range(batch)]
         assert together.tolist() == alone
         logits = np.roll(logits, 1, axis=0)
+
+
+class _TopOfRange:
+    """A generator that always draws the largest double below 1: the draw that lands closest to the total."""
+
+    def random(self) -> float:
+        return 1.0 - 2.0**-53
+
+
+def test_a_draw_at_the_top_of_the_range_picks_the_last_token_that_has_probability() -> None:
+    from textgen.sampling import sample_batch
+
+    logits = np.array([[0.0, 40.0, 1e-3, 5.0, -np.inf, -np.inf], [2.0, 1.0, 0.0, -np.inf, 3.0, -np.inf]], np.float32)
+    rngs = [_TopOfRange(), _TopOfRange()]
+    picked = sample_batch(logits, [SamplingParams(), SamplingParams(top_k=2)], rngs)  # type: ignore[list-item]
+    assert picked.tolist() == [3, 4]  # never a token with zero probability after the last one that has some

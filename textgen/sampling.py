@@ -80,40 +80,49 @@ def sample_batch(
     Every operation is row-wise (elementwise, or a reduction along the vocabulary axis computed the same way for
     one row as for many), so a row's token depends only on its own logits, parameters and generator: a seeded
     request draws the same text alone or batched with others. Rows that share a setting are filtered together
-    (one ``np.partition`` per distinct ``top_k``), so the cost is a few vectorised passes, not a Python loop."""
+    (one ``np.partition`` per distinct ``top_k``), so the cost is a few vectorised passes, not a Python loop;
+    filters nobody asked for cost nothing (a batch-1 call is a handful of numpy operations)."""
     x = np.array(logits, dtype=np.float64)  # a copy: filtered in place below
     batch, vocab = x.shape
     out = np.empty(batch, dtype=np.int64)
 
-    penalty = np.fromiter((p.repetition_penalty for p in params), np.float64, batch)
     if seen is not None:
-        for i in np.flatnonzero(penalty != 1.0):
-            mask = seen[i]
-            if mask.any():
-                hit = x[i, mask]
-                x[i, mask] = np.where(hit > 0, hit / penalty[i], hit * penalty[i])
+        for i, sp in enumerate(params):
+            if sp.repetition_penalty != 1.0:
+                mask = seen[i]
+                if mask.any():
+                    hit = x[i, mask]
+                    x[i, mask] = np.where(hit > 0, hit / sp.repetition_penalty, hit * sp.repetition_penalty)
 
-    temperature = np.fromiter((p.temperature for p in params), np.float64, batch)
+    temperature = np.fromiter((sp.temperature for sp in params), np.float64, batch)
     greedy = temperature == 0.0
     if greedy.any():
         out[greedy] = np.argmax(x[greedy], axis=1)
-    rows = np.flatnonzero(~greedy)
-    if rows.size == 0:
-        return out
+        rows = np.flatnonzero(~greedy)
+        if rows.size == 0:
+            return out
+        x = x[rows]
+        params = [params[i] for i in rows]
+        rngs = [rngs[i] for i in rows]
+        temperature = temperature[rows]
+    else:
+        rows = None  # every row samples: no gather, no scatter
+    x /= temperature[:, None]
+    n = x.shape[0]
+    if any(0 < sp.top_k < vocab for sp in params):
+        top_k = np.fromiter((sp.top_k for sp in params), np.int64, n)
+        for k in np.unique(top_k[(top_k > 0) & (top_k < vocab)]):
+            sel = np.flatnonzero(top_k == k)
+            kth = np.partition(x[sel], vocab - k, axis=1)[:, vocab - k]
+            sub = x[sel]
+            sub[sub < kth[:, None]] = -np.inf  # ties with the k-th are kept
+            x[sel] = sub
+    x -= x.max(axis=1, keepdims=True)
+    p = np.exp(x, out=x)
 
-    x = x[rows] / temperature[rows, None]
-    top_k = np.fromiter((params[i].top_k for i in rows), np.int64, rows.size)
-    for k in np.unique(top_k[(top_k > 0) & (top_k < vocab)]):
-        sel = np.flatnonzero(top_k == k)
-        kth = np.partition(x[sel], vocab - k, axis=1)[:, vocab - k]
-        sub = x[sel]
-        sub[sub < kth[:, None]] = -np.inf  # ties with the k-th are kept
-        x[sel] = sub
-    p = np.exp(x - x.max(axis=1, keepdims=True))
-
-    top_p = np.fromiter((params[i].top_p for i in rows), np.float64, rows.size)
-    nucleus = np.flatnonzero(top_p < 1.0)
-    if nucleus.size:
+    if any(sp.top_p < 1.0 for sp in params):
+        top_p = np.fromiter((sp.top_p for sp in params), np.float64, n)
+        nucleus = np.flatnonzero(top_p < 1.0)
         sub = p[nucleus]
         order = np.argsort(-sub, axis=1, kind="stable")
         mass = np.cumsum(np.take_along_axis(sub, order, axis=1), axis=1)
@@ -124,9 +133,13 @@ def sample_batch(
         p[nucleus] = sub
 
     cdf = np.cumsum(p, axis=1)
-    u = np.fromiter((rngs[i].random() for i in rows), np.float64, rows.size)
+    u = np.fromiter((r.random() for r in rngs), np.float64, n)
     picked = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1)  # == searchsorted(side="right") per row
-    # u * total can round up to total; never pick past the last token with any probability.
-    last = vocab - 1 - np.argmax(p[:, ::-1] > 0, axis=1)
-    out[rows] = np.minimum(picked, last)
+    # u * total can round up to total; never pick past the last token with any probability. Only then is
+    # ``picked`` past it (the cdf is flat after the last such token), so only those rows look for it.
+    for i in np.flatnonzero(picked == vocab):
+        picked[i] = vocab - 1 - np.argmax(p[i, ::-1] > 0)
+    if rows is None:
+        return picked
+    out[rows] = picked
     return out
