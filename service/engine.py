@@ -294,10 +294,12 @@ class Engine:
 
     # -- sampling and output ----------------------------------------------------------------------------------
     def stream_interval(self, running: int) -> int:
-        """Tokens gathered per stream message at this batch size. Each message costs the transport far more CPU
-        than a token costs the engine, so under load (as vLLM's stream interval does) a stream's tokens go out a
-        few at a time; with a handful of streams every token is sent as soon as it is sampled."""
-        return max(1, min(self.max_stream_interval, running // 4))
+        """Tokens gathered per stream message at this batch size. A message costs the transport (and the client)
+        about as much CPU as a small model's whole decode step, so with ``running`` streams each sends every
+        ``running``-th token: about one message per step in all, whatever the concurrency, up to
+        ``max_stream_interval`` tokens per message (vLLM's stream interval, sized by the batch). A single
+        stream gets every token as it is sampled, and every stream its first token at once."""
+        return max(1, min(self.max_stream_interval, running))
 
     def _sample(self, rows: list[Sequence], logits: np.ndarray) -> None:
         interval = self.stream_interval(len(rows))
@@ -336,7 +338,7 @@ class Engine:
                 self._finish(seq, finish=Finish.STOP, stop=stop)
             elif seq.generated >= seq.max_tokens:
                 self._finish(seq, finish=Finish.LENGTH)
-            elif seq.buffered_tokens >= interval:
+            elif seq.buffered_tokens >= interval or seq.generated == 1:  # the first token never waits
                 self._touch(seq)
         self.observer.sampled(len(rows), gaps)
 

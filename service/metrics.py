@@ -198,9 +198,7 @@ class _StateCollector(Collector):
             limit.add_metric([name], engine.max_queue)
             running.add_metric([name], engine.running)
             model = engine.model
-            info.add_metric(
-                [name, model.version, model.bundle.manifest.graph.precision, model.bundle.providers[0]], 1
-            )
+            info.add_metric([name, model.version, model.bundle.manifest.graph.precision, model.bundle.providers[0]], 1)
         yield from (queue, limit, running, info)
         store = app.sessions
         yield GaugeMetricFamily("textgen_sessions_active", "Open sessions", value=len(store))

@@ -62,7 +62,8 @@ class ServerSettings(BaseSettings):
         16,
         ge=1,
         description="under load, tokens a stream may gather into one message: 1 streams every token always; "
-        "otherwise every token while few streams run, growing with the batch (running / 4) up to this",
+        "otherwise each of N running streams sends every N-th token (about one message per step in all), up to "
+        "this; a single stream, and every stream's first token, are sent at once",
     )
     slow_reader_policy: Literal["wait", "cancel"] = Field(
         "wait", description="when a stream's buffer is full: pause that sequence, or cancel it"

@@ -24,6 +24,7 @@ from textgen.v1 import textgen_pb2_grpc as pb_grpc
 MODEL = "tiny"  # the served bundle is <tmp>/tiny/1
 CALL_TIMEOUT = 30.0  # every call gets a deadline, so a bug shows up as a failure, not a hung test run
 
+
 class Recorder(EngineObserver):
     """Remembers the decode batch sizes and the sequences that finished (called on the engine thread)."""
 
