@@ -1,4 +1,4 @@
-"""``textgen bench serve|train|quality``: the benchmark programs. Each writes JSON (and plots) into ``--out`` and
+"""``textgen bench serve|train|quality|curves``: the benchmark programs. Each writes JSON (and plots) into ``--out`` and
 prints its figures; docs/benchmarks.md states them with the command that made them."""
 
 from __future__ import annotations
@@ -77,6 +77,18 @@ def register(commands: Any) -> None:
     quality.add_argument("--out", type=Path, default=Path("bench-results/quality"))
     quality.set_defaults(handler=_quality)
 
+    curves = sub.add_parser(
+        "curves",
+        help="training and validation loss curves of one or more runs, as a PNG",
+        description="Plots train and validation loss against step from each RUN_DIR's metrics.jsonl, one colour "
+        "per run, into one PNG.",
+    )
+    curves.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    curves.add_argument("--labels", type=_names, default=None, help="one name per run (default: directory names)")
+    curves.add_argument("--title", default="training curves")
+    curves.add_argument("--out", type=Path, default=Path("bench-results/curves.png"), help="the PNG to write")
+    curves.set_defaults(handler=_curves)
+
 
 def _serve(args: argparse.Namespace) -> int:
     from bench.serve import run_serve_bench
@@ -103,6 +115,25 @@ def _train(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"--presets: unknown {', '.join(unknown)} (choose from {', '.join(PRESETS)})")
     run_train_bench(args.data_root, args.out, args.presets, args.steps, args.threads)
+    return 0
+
+
+def _curves(args: argparse.Namespace) -> int:
+    import json
+
+    from bench.plots import plot_curves
+    from textgen.errors import ConfigError
+
+    labels = args.labels or [run.name for run in args.runs]
+    if len(labels) != len(args.runs):
+        raise ConfigError(f"--labels: {len(labels)} names for {len(args.runs)} runs")
+    runs = {}
+    for label, run in zip(labels, args.runs, strict=True):
+        log = run / "metrics.jsonl"
+        if not log.is_file():
+            raise ConfigError(f"{run}: no metrics.jsonl (not a `textgen train` run directory)")
+        runs[label] = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    print(plot_curves(runs, args.out, args.title))
     return 0
 
 

@@ -24,6 +24,7 @@ def _decorate(ax: Any, cs: list[int], **labels: str) -> None:
 
 
 def _save(plt: Any, fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

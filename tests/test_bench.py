@@ -50,3 +50,17 @@ def test_minimal_training_loop_trains_the_checkpoints_model(trained_run: Path) -
     speed = minimal_loop(trained_run / "last.pt", steps=3)
     assert speed.tokens == 3 * 4 * 32  # the run's batch size and BPTT window
     assert speed.tokens_per_s > 0
+
+
+def test_bench_curves_plots_runs_and_names_a_directory_that_is_not_a_run(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "plots" / "curves.png"
+    assert main(["bench", "curves", str(trained_run), str(trained_run), "--labels", "a,b", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    capsys.readouterr()
+    assert main(["bench", "curves", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path}: no metrics.jsonl" in err
+    assert not (tmp_path / "x.png").exists()
