@@ -41,6 +41,9 @@ def register(commands: Any) -> None:
     serve.add_argument("--threads", type=int, default=0, help="ONNX Runtime / torch threads (0: one per core)")
     serve.add_argument("--eager-requests", type=int, default=4, help="requests the torch loop runs (default: 4)")
     serve.add_argument("--repeats", type=int, default=3, help="alternating raw/server runs per C; medians kept")
+    serve.add_argument(
+        "--max-stream-interval", type=int, default=None, help="the server's setting (default: the server's default)"
+    )
     serve.add_argument("--out", type=Path, default=Path("bench-results/serve"))
     serve.set_defaults(handler=_serve)
 
@@ -102,6 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.threads,
         args.eager_requests,
         args.repeats,
+        stream_interval=args.max_stream_interval,
     )
     return 0
 

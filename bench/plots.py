@@ -58,6 +58,18 @@ def plot_serve(report: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
+def _smoothed(points: list[tuple[int, float]], target: int = 200) -> tuple[list[int], list[float]]:
+    """Training losses logged every few steps, averaged over consecutive windows down to about ``target``
+    points: the raw log of a long run is mostly batch-to-batch noise."""
+    size = max(1, len(points) // target)
+    steps, losses = [], []
+    for i in range(0, len(points) - size + 1, size):
+        window = points[i : i + size]
+        steps.append(window[-1][0])
+        losses.append(sum(loss for _, loss in window) / size)
+    return steps, losses
+
+
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
     """Training and validation loss against step, from ``metrics.jsonl`` records, one colour per run."""
     plt = _pyplot()
@@ -67,7 +79,8 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -
         train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
         val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
         if train:
-            ax.plot(*zip(*train, strict=True), color=colour, alpha=0.5, label=f"{name} train")
+            steps, losses = _smoothed(train)
+            ax.plot(steps, losses, color=colour, alpha=0.6, label=f"{name} train")
         if val:
             ax.plot(*zip(*val, strict=True), "o-", color=colour, label=f"{name} validation")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)

@@ -187,11 +187,15 @@ class ServerProcess:
     """``textgen serve`` in its own process, as users run it (in the bench process it would share the client's
     GIL)."""
 
-    def __init__(self, bundle: Path, threads: int, max_batch: int, max_tokens: int) -> None:
+    def __init__(
+        self, bundle: Path, threads: int, max_batch: int, max_tokens: int, stream_interval: int | None = None
+    ) -> None:
         cmd = [sys.executable, "-m", "textgen.cli", "serve", "--bundle", str(bundle), "--port", "0",
                "--providers", "CPUExecutionProvider", "--intra-op-threads", str(threads),
                "--max-batch-size", str(max_batch), "--max-queue", "4096",
                "--max-tokens-limit", str(max(max_tokens, 256)), "--log-level", "info"]  # fmt: skip
+        if stream_interval is not None:
+            cmd += ["--max-stream-interval", str(stream_interval)]
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in stop); a file, not a pipe: none to drain
         self.proc = subprocess.Popen(cmd, stderr=self.log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.port = self._port()
@@ -262,6 +266,7 @@ def run_serve_bench(
     eager_requests: int,
     repeats: int = 3,
     temperature: float = 1.0,
+    stream_interval: int | None = None,
 ) -> dict[str, Any]:
     """Every measurement for every precision; writes ``serve.json`` and the plots into ``out_dir``."""
     from service.models import ModelRegistry
@@ -275,6 +280,7 @@ def run_serve_bench(
         "max_tokens": max_tokens,
         "threads": threads,
         "repeats": repeats,
+        "max_stream_interval": stream_interval,  # None: the server's default
         "machine": machine(),
         "command": " ".join(["textgen", *sys.argv[1:]]) if sys.argv[0].endswith("textgen") else "",
         "precisions": {},
@@ -286,7 +292,7 @@ def run_serve_bench(
         settings = load_settings(bundle=bundle, port=0, providers=["CPUExecutionProvider"], intra_op_threads=threads)
         model = next(iter(ModelRegistry.load(settings)))
         rows = []
-        batched = ServerProcess(bundle, threads, max(concurrency), max_tokens)
+        batched = ServerProcess(bundle, threads, max(concurrency), max_tokens, stream_interval)
         try:
             for c in concurrency:
                 # alternate the two, `repeats` times each, and keep the median run of each: a burst of noise on
