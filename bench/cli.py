@@ -22,12 +22,25 @@ def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def _command(
+    sub: Any, name: str, handler: Any, out: str, help: str, description: str, out_help: str = "results directory"
+) -> argparse.ArgumentParser:
+    """One ``textgen bench`` program: its parser, its ``--out`` and its handler (the parts every program has)."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("--out", type=Path, default=Path(out), help=f"{out_help} (default: %(default)s)")
+    p.set_defaults(handler=handler)
+    return p
+
+
 def register(commands: Any) -> None:
     p = commands.add_parser("bench", help="benchmarks: serving, training speed, bundle quality")
     sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
 
-    serve = sub.add_parser(
+    serve = _command(
+        sub,
         "serve",
+        _serve,
+        "bench-results/serve",
         help="a real server under C concurrent streams vs the raw engine, batch-1 serving and a torch eager loop",
         description="Exports CHECKPOINT to one bundle per precision, starts `textgen serve` on it and drives it "
         "with C concurrent streaming clients; in the same run measures the raw ONNX Runtime decode loop at "
@@ -44,11 +57,12 @@ def register(commands: Any) -> None:
     serve.add_argument(
         "--max-stream-interval", type=int, default=None, help="the server's setting (default: the server's default)"
     )
-    serve.add_argument("--out", type=Path, default=Path("bench-results/serve"))
-    serve.set_defaults(handler=_serve)
 
-    train = sub.add_parser(
+    train = _command(
+        sub,
         "train",
+        _train,
+        "bench-results/train",
         help="`textgen train` tokens/s vs a minimal hand-written PyTorch loop on the same model and data",
         description="For each preset, runs `textgen train` and a minimal PyTorch loop alternately, twice each, "
         "for --steps steps, and reports the best tokens/s of each and their ratio. Writes train.json into --out.",
@@ -57,11 +71,12 @@ def register(commands: Any) -> None:
     train.add_argument("--presets", type=_names, default=["char-2x512", "word-2x200"])
     train.add_argument("--steps", type=int, default=60, help="optimizer steps per measurement (default: 60)")
     train.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    train.add_argument("--out", type=Path, default=Path("bench-results/train"))
-    train.set_defaults(handler=_train)
 
-    quality = sub.add_parser(
+    quality = _command(
+        sub,
         "quality",
+        _quality,
+        "bench-results/quality",
         help="a checkpoint's loss vs its fp32 and int8 bundles scored through a real server",
         description="Scores the start of the checkpoint's validation (or test) split with the torch model and "
         "through `Score` on a server serving its exported bundles. Writes quality.json into --out.",
@@ -77,20 +92,20 @@ def register(commands: Any) -> None:
         help="also the loss over independent N-token windows of the whole split, "
         "each from a zero state (nanoGPT's protocol: 256 for its char models); 0: skip",
     )
-    quality.add_argument("--out", type=Path, default=Path("bench-results/quality"))
-    quality.set_defaults(handler=_quality)
 
-    curves = sub.add_parser(
+    curves = _command(
+        sub,
         "curves",
+        _curves,
+        "bench-results/curves.png",
         help="training and validation loss curves of one or more runs, as a PNG",
         description="Plots train and validation loss against step from each RUN_DIR's metrics.jsonl, one colour "
         "per run, into one PNG.",
+        out_help="the PNG to write",
     )
     curves.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
     curves.add_argument("--labels", type=_names, default=None, help="one name per run (default: directory names)")
     curves.add_argument("--title", default="training curves")
-    curves.add_argument("--out", type=Path, default=Path("bench-results/curves.png"), help="the PNG to write")
-    curves.set_defaults(handler=_curves)
 
 
 def _serve(args: argparse.Namespace) -> int:
