@@ -14,11 +14,13 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_END_OF_TEXT: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
+    FINISH_REASON_SLOW_READER: _ClassVar[FinishReason]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_END_OF_TEXT: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
+FINISH_REASON_SLOW_READER: FinishReason
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "prompt", "max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "logprobs", "session_id", "snapshot", "return_snapshot")
