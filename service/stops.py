@@ -1,38 +1,140 @@
-"""Stop strings that never leak: text that could still turn into a stop string is held back until it resolves.
-The hold-back is at most ``len(longest stop) - 1`` characters, and there is no limit on the number of stops."""
+"""Stop strings that never leak, matched in linear time over all stops at once.
+
+Semantics (those of OpenAI and vLLM): generation stops at the first position of the generated text where any
+stop string is complete; if several complete there, the longest (the one that starts earliest) is reported. The
+text returned is everything before that stop's start, so it never contains any stop string, and the result does
+not depend on how the text was cut into pieces (a word model pushes ``" word"``, a char model one character).
+
+Text that could still turn into a stop string is held back until it resolves: the hold-back is exactly the
+longest suffix of the text that is a proper prefix of some stop (at most ``len(longest stop) - 1`` characters),
+released as soon as it cannot become one.
+
+The matcher is an Aho-Corasick automaton over characters, walked as the text streams in. Its current state is a
+trie node whose depth is that longest suffix, so the hold-back costs nothing to find, where re-checking every
+suffix against every stop costs O(stop length ** 2) per token (413 us a token with 16 crafted 256-character
+stops). pyahocorasick builds the same automaton in C and can resume a search across chunks, but it keeps the
+walk's state private, and the hold-back needs that state's depth, so the automaton is written here (about 60
+lines). Each character costs one goto plus amortised at most one failure-link step (the depth rises by at most
+one per character and every failure step lowers it), so a push costs O(len(piece)) amortised whatever the stops.
+"""
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass
+
+_LEAF: dict[str, int] = {}  # the shared, never-written goto table of nodes without children (most of them)
+
+
+@dataclass(frozen=True)
+class Automaton:
+    """The trie of the stops with failure links; node 0 is the root (the empty string).
+
+    Node ``n`` stands for the string ``stops[owner[n]][:depth[n]]``, so held-back text is a slice of a stop and
+    never has to be kept as a copy of the generated text."""
+
+    stops: tuple[str, ...]
+    goto: list[dict[str, int]]  # trie edges only; a missing edge means: follow the failure link
+    fail: list[int]  # the node of the longest proper suffix of this node's string that is in the trie
+    depth: list[int]
+    owner: list[int]  # a stop whose prefix this node is
+    match: list[int]  # index of the longest stop that is a suffix of this node's string, or -1
+
+    @classmethod
+    def build(cls, stops: tuple[str, ...]) -> Automaton:
+        """O(total characters of the stops): at most 16 x 256 = 4,096 nodes under the server's limits."""
+        goto: list[dict[str, int]] = [_LEAF]
+        depth, owner, terminal = [0], [0], [-1]
+        for index, stop in enumerate(stops):
+            node = 0
+            for ch in stop:
+                nxt = goto[node].get(ch)
+                if nxt is None:
+                    nxt = len(goto)
+                    if goto[node] is _LEAF:
+                        goto[node] = {}
+                    goto[node][ch] = nxt
+                    goto.append(_LEAF)
+                    depth.append(depth[node] + 1)
+                    owner.append(index)
+                    terminal.append(-1)
+                node = nxt
+            if terminal[node] < 0:  # a repeated stop keeps its first index
+                terminal[node] = index
+        fail, match = [0] * len(goto), terminal[:]
+        queue = deque(goto[0].values())  # depth-1 nodes fail to the root
+        while queue:  # breadth first, so every failure target is finished before it is used
+            node = queue.popleft()
+            if match[node] < 0:  # no stop ends exactly here: the longest one ending at a shorter suffix
+                match[node] = match[fail[node]]
+            for ch, child in goto[node].items():
+                f = fail[node]
+                while ch not in goto[f] and f:
+                    f = fail[f]
+                fail[child] = goto[f].get(ch, 0)
+                queue.append(child)
+        return cls(stops, goto, fail, depth, owner, match)
+
+    def text(self, node: int) -> str:
+        """The string node ``node`` stands for."""
+        return self.stops[self.owner[node]][: self.depth[node]]
+
 
 class StopMatcher:
+    """One sequence's stop strings: ``push`` every generated piece, ``flush`` when generation ends otherwise."""
+
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
-        self.held = ""
+        self._automaton = Automaton.build(tuple(self.stops)) if self.stops else None
+        self._state = 0  # the node of the longest suffix of the text so far that is a prefix of a stop
+        self.transitions = 0  # automaton steps taken (gotos and failure links), to bound the cost in tests
 
     def push(self, piece: str) -> tuple[str, str | None]:
         """Add newly generated text; return the text that is now safe to send, and the stop string if one
         completed (the text before it is returned, the stop string and anything after it are not)."""
-        if not self.stops:
+        a = self._automaton
+        if a is None:  # no stops: the engine pushes every token of every row, so this must cost nothing
             return piece, None
-        buf = self.held + piece
-        found: tuple[int, str] | None = None
-        for stop in self.stops:
-            i = buf.find(stop)
-            if i >= 0 and (found is None or i < found[0]):
-                found = (i, stop)
-        if found is not None:
-            self.held = ""
-            return buf[: found[0]], found[1]
-        hold = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(buf)), hold, -1):
-                if buf.endswith(stop[:k]):
-                    hold = k
+        goto, fail, match = a.goto, a.fail, a.match
+        start = state = self._state
+        steps = 0
+        for i, ch in enumerate(piece):
+            steps += 1
+            while True:
+                nxt = goto[state].get(ch)
+                if nxt is not None:
+                    state = nxt
                     break
-        self.held = buf[len(buf) - hold :] if hold else ""
-        return buf[: len(buf) - hold], None
+                if not state:
+                    break
+                state = fail[state]
+                steps += 1
+            if match[state] >= 0:
+                self.transitions += steps
+                self._state = 0
+                stop = a.stops[match[state]]
+                # The stop began len(stop) characters before here, within held text + piece (the depth rose by
+                # at most one per character, so it reaches no further back than the held text).
+                return _released(a, start, piece, a.depth[start] + i + 1 - len(stop)), stop
+        self.transitions += steps
+        self._state = state
+        return _released(a, start, piece, a.depth[start] + len(piece) - a.depth[state]), None
 
     def flush(self) -> str:
         """The held-back text, released when generation ends without a stop string."""
-        held, self.held = self.held, ""
+        held = self._automaton.text(self._state) if self._automaton is not None else ""
+        self._state = 0
         return held
+
+    @property
+    def held(self) -> str:
+        """The text held back now (it could still become a stop string)."""
+        return self._automaton.text(self._state) if self._automaton is not None else ""
+
+
+def _released(a: Automaton, start: int, piece: str, n: int) -> str:
+    """The first ``n`` characters of (text held at node ``start``) + ``piece``, copying only those."""
+    held = a.depth[start]
+    if n <= held:
+        return a.stops[a.owner[start]][:n]
+    return (a.text(start) + piece[: n - held]) if held else piece[:n]
