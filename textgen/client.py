@@ -21,6 +21,9 @@ from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# Request metadata naming the caller (its principal) for per-client limits such as the session quota; the server
+# trusts it only as far as the proxy that sets it (see service/principals.py), and mutual TLS overrides it.
+PRINCIPAL_METADATA_KEY = "x-textgen-principal"
 
 
 class RemoteError(TextgenError):
@@ -77,6 +80,7 @@ class _Base:
         target: str = DEFAULT_TARGET,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = None,
+        principal: str = "",
     ) -> None:
         mod = grpc.aio if self._aio else grpc
         options = [("grpc.max_receive_message_length", 64 << 20)]
@@ -86,6 +90,8 @@ class _Base:
         self.stub = pb_grpc.TextGenerationStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
+        # sent with every call; sessions belong to the principal that created them
+        self.metadata = ((PRINCIPAL_METADATA_KEY, principal),) if principal else None
 
     def _call(self, method: Any, request: Any, then: Callable[[Any], Any] = _same) -> Any:
         raise NotImplementedError
@@ -133,13 +139,15 @@ class Client(_Base):
 
     def _call(self, method: Any, request: Any, then: Callable[[Any], Any] = _same) -> Any:
         try:
-            return then(method(request, timeout=self.timeout))
+            return then(method(request, timeout=self.timeout, metadata=self.metadata))
         except grpc.RpcError as exc:
             raise _remote(exc) from None
 
     def stream(self, prompt: str = "", **options: Any) -> Iterator[pb.GenerateStreamResponse]:
         """The stream's messages; the last one has ``complete`` set. Closing the iterator cancels the call."""
-        call = self.stub.GenerateStream(generate_request(prompt, **options), timeout=self.timeout)
+        call = self.stub.GenerateStream(
+            generate_request(prompt, **options), timeout=self.timeout, metadata=self.metadata
+        )
         try:
             yield from call
         except grpc.RpcError as exc:
@@ -167,12 +175,14 @@ class AsyncClient(_Base):
 
     async def _call(self, method: Any, request: Any, then: Callable[[Any], Any] = _same) -> Any:
         try:
-            return then(await method(request, timeout=self.timeout))
+            return then(await method(request, timeout=self.timeout, metadata=self.metadata))
         except grpc.RpcError as exc:
             raise _remote(exc) from None
 
     async def stream(self, prompt: str = "", **options: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
-        call = self.stub.GenerateStream(generate_request(prompt, **options), timeout=self.timeout)
+        call = self.stub.GenerateStream(
+            generate_request(prompt, **options), timeout=self.timeout, metadata=self.metadata
+        )
         try:
             async for msg in call:
                 yield msg
