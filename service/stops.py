@@ -13,17 +13,17 @@ The matcher is an Aho-Corasick automaton over characters, walked as the text str
 trie node whose depth is that longest suffix, so the hold-back costs nothing to find, where re-checking every
 suffix against every stop costs O(stop length ** 2) per token (413 us a token with 16 crafted 256-character
 stops). pyahocorasick builds the same automaton in C and can resume a search across chunks, but it keeps the
-walk's state private, and the hold-back needs that state's depth, so the automaton is written here (about 60
+walk's state private, and the hold-back needs that state's depth, so the automaton is written here (under 100
 lines). Each character costs one goto plus amortised at most one failure-link step (the depth rises by at most
 one per character and every failure step lowers it), so a push costs O(len(piece)) amortised whatever the stops.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from array import array
 from dataclasses import dataclass
 
-_LEAF: dict[str, int] = {}  # the shared, never-written goto table of nodes without children (most of them)
+_LEAF: dict[str, int] = {}  # the shared, never-written child table of nodes without children
 
 
 @dataclass(frozen=True)
@@ -31,53 +31,76 @@ class Automaton:
     """The trie of the stops with failure links; node 0 is the root (the empty string).
 
     Node ``n`` stands for the string ``stops[owner[n]][:depth[n]]``, so held-back text is a slice of a stop and
-    never has to be kept as a copy of the generated text."""
+    never has to be kept as a copy of the generated text. Most nodes of long stops have a single child, made
+    right after them: such a node's ``kids`` entry is None and its child is node ``n + 1``, entered by
+    ``chars[n + 1]``, which keeps a 16 x 256-character automaton near 100 KB instead of a dict per node (1 MB,
+    for each of the hundreds of sequences a server may hold)."""
 
     stops: tuple[str, ...]
-    goto: list[dict[str, int]]  # trie edges only; a missing edge means: follow the failure link
-    fail: list[int]  # the node of the longest proper suffix of this node's string that is in the trie
-    depth: list[int]
-    owner: list[int]  # a stop whose prefix this node is
-    match: list[int]  # index of the longest stop that is a suffix of this node's string, or -1
+    kids: list[dict[str, int] | None]  # trie edges only (None: the one child is n + 1); missing: follow ``fail``
+    chars: str  # chars[n]: the character on the edge into node n (the root's is a placeholder)
+    fail: array  # the node of the longest proper suffix of this node's string that is in the trie
+    depth: array
+    owner: array  # a stop whose prefix this node is
+    match: array  # index of the longest stop that is a suffix of this node's string, or -1
 
     @classmethod
     def build(cls, stops: tuple[str, ...]) -> Automaton:
         """O(total characters of the stops): at most 16 x 256 = 4,096 nodes under the server's limits."""
-        goto: list[dict[str, int]] = [_LEAF]
-        depth, owner, terminal = [0], [0], [-1]
+        kids: list[dict[str, int] | None] = [_LEAF]
+        chars, depth, owner, terminal = [" "], [0], [0], [-1]
         for index, stop in enumerate(stops):
-            node = 0
-            for ch in stop:
-                nxt = goto[node].get(ch)
-                if nxt is None:
-                    nxt = len(goto)
-                    if goto[node] is _LEAF:
-                        goto[node] = {}
-                    goto[node][ch] = nxt
-                    goto.append(_LEAF)
-                    depth.append(depth[node] + 1)
-                    owner.append(index)
-                    terminal.append(-1)
-                node = nxt
+            node, i = 0, 0
+            while i < len(stop) and (nxt := _child(kids, chars, node, stop[i])) is not None:  # already in the trie
+                node, i = nxt, i + 1
+            if i < len(stop):  # the rest is a new chain of single-child nodes, made in bulk
+                first, new = len(kids), len(stop) - i
+                table = kids[node]
+                if table is _LEAF:
+                    kids[node] = None if first == node + 1 else {stop[i]: first}
+                elif table is None:  # a single-child node gets a second child
+                    kids[node] = {chars[node + 1]: node + 1, stop[i]: first}
+                else:
+                    table[stop[i]] = first
+                kids.extend([None] * (new - 1))
+                kids.append(_LEAF)
+                chars.extend(stop[i:])
+                depth.extend(range(depth[node] + 1, depth[node] + 1 + new))
+                owner.extend([index] * new)
+                terminal.extend([-1] * new)
+                node = first + new - 1
             if terminal[node] < 0:  # a repeated stop keeps its first index
                 terminal[node] = index
-        fail, match = [0] * len(goto), terminal[:]
-        queue = deque(goto[0].values())  # depth-1 nodes fail to the root
-        while queue:  # breadth first, so every failure target is finished before it is used
-            node = queue.popleft()
+        text = "".join(chars)
+        fail, match = [0] * len(kids), terminal
+        order = list(kids[0].values()) if kids[0] is not None else [1]  # breadth first: depth-1 nodes fail to
+        for node in order:  # the root, and every failure target is done before it is used (the list grows)
             if match[node] < 0:  # no stop ends exactly here: the longest one ending at a shorter suffix
                 match[node] = match[fail[node]]
-            for ch, child in goto[node].items():
+            table = kids[node]
+            for ch, child in ((text[node + 1], node + 1),) if table is None else table.items():
                 f = fail[node]
-                while ch not in goto[f] and f:
+                while True:  # _child inlined: this loop is most of the build, which runs per request
+                    t = kids[f]
+                    nxt = (f + 1 if text[f + 1] == ch else None) if t is None else t.get(ch)
+                    if nxt is not None or not f:
+                        break
                     f = fail[f]
-                fail[child] = goto[f].get(ch, 0)
-                queue.append(child)
-        return cls(stops, goto, fail, depth, owner, match)
+                fail[child] = nxt or 0
+                order.append(child)
+        return cls(stops, kids, text, array("i", fail), array("i", depth), array("i", owner), array("i", match))
 
     def text(self, node: int) -> str:
         """The string node ``node`` stands for."""
         return self.stops[self.owner[node]][: self.depth[node]]
+
+
+def _child(kids: list[dict[str, int] | None], chars: str | list[str], node: int, ch: str) -> int | None:
+    """The trie edge from ``node`` on ``ch`` (no failure links)."""
+    table = kids[node]
+    if table is None:
+        return node + 1 if chars[node + 1] == ch else None
+    return table.get(ch)
 
 
 class StopMatcher:
@@ -95,13 +118,14 @@ class StopMatcher:
         a = self._automaton
         if a is None:  # no stops: the engine pushes every token of every row, so this must cost nothing
             return piece, None
-        goto, fail, match = a.goto, a.fail, a.match
+        kids, chars, fail, match = a.kids, a.chars, a.fail, a.match
         start = state = self._state
         steps = 0
         for i, ch in enumerate(piece):
             steps += 1
-            while True:
-                nxt = goto[state].get(ch)
+            while True:  # _child inlined: this loop is the per-token cost
+                table = kids[state]
+                nxt = (state + 1 if chars[state + 1] == ch else None) if table is None else table.get(ch)
                 if nxt is not None:
                     state = nxt
                     break

@@ -94,5 +94,5 @@ def test_crafted_stops_cost_a_constant_per_character() -> None:
 
 def test_the_automaton_is_bounded_by_the_stops_length() -> None:
     stops = tuple(chr(0x4E00 + i) * 256 for i in range(16))  # the server's limits: 16 stops of 256 characters
-    assert len(Automaton.build(stops).goto) == 1 + 16 * 256
-    assert len(Automaton.build(("abc", "abd", "ab")).goto) == 5  # shared prefixes share nodes
+    assert len(Automaton.build(stops).kids) == 1 + 16 * 256
+    assert len(Automaton.build(("abc", "abd", "ab")).kids) == 5  # shared prefixes share nodes
