@@ -97,10 +97,9 @@ class App:
         self.engines = {m.name: Engine(m, settings, self.metrics.observer(m.name)) for m in registry}
         self.sessions = SessionStore(settings.max_sessions, settings.session_memory_bytes, settings.session_ttl_seconds)
         self.metrics.bind(self)
-        key = settings.snapshot_key.get_secret_value().encode() if settings.snapshot_key else None
-        self.snapshots = SnapshotCodec(key)
+        self.snapshots = SnapshotCodec.from_settings(settings)
         if self.snapshots.ephemeral_key:
-            log.warning("no snapshot key set (TEXTGEN_SNAPSHOT_KEY): snapshots resume only on this server process")
+            log.warning("no snapshot key (TEXTGEN_SNAPSHOT_KEY_FILE): snapshots resume only on this server process")
         self.draining = False
 
     def start(self) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.keyring import parse_key, read_keyring_file
 from textgen.errors import ConfigError
 
 
@@ -77,10 +78,25 @@ class ServerSettings(BaseSettings):
     max_sessions: int = Field(10000, ge=0, description="open sessions, all models together")
     session_memory_bytes: int = Field(1 << 30, ge=0, description="memory all sessions' state may hold")
     session_ttl_seconds: float = Field(600.0, gt=0, description="idle time after which a session expires")
+    snapshot_key_file: Path | None = Field(
+        None,
+        description="keyring file for state snapshots: one `key-id:key` a line (hex or base64, at least 256 bits; "
+        "`textgen keygen` makes one), the first seals new snapshots and every one opens them; replicas that share "
+        "it resume each other's snapshots (unset, and no TEXTGEN_SNAPSHOT_KEY: a random key, so snapshots resume "
+        "only on this process)",
+    )
     snapshot_key: SecretStr | None = Field(
         None,
-        description="HMAC key for state snapshots; replicas that share it resume each other's snapshots "
-        "(unset: a random key, so snapshots resume only on this process)",
+        description="one snapshot key ([key-id:]key, hex or base64, at least 256 bits), set in the environment "
+        "only: a command-line value shows in `ps`; rotating keys needs snapshot_key_file",
+        json_schema_extra={"env_only": True},
+    )
+    snapshot_max_age_seconds: float = Field(
+        7 * 86400.0,
+        gt=0,
+        description="snapshots older than this are refused: a week lets a user come back to a conversation after a "
+        "weekend, bounds how long a leaked snapshot can be replayed, and is how long a retired key must stay in "
+        "the keyring",
     )
     # -- lifecycle -----------------------------------------------------------------------------------------
     grace_seconds: float = Field(30.0, ge=0, description="on SIGTERM, time running streams get to finish")
@@ -92,6 +108,26 @@ class ServerSettings(BaseSettings):
         if isinstance(value, str):
             return [p.strip() for p in value.split(",") if p.strip()]
         return value
+
+    @field_validator("snapshot_key_file")
+    @classmethod
+    def _snapshot_keyring(cls, value: Path | None) -> Path | None:
+        if value is not None:  # read here so that a bad keyring stops the server before its models load
+            read_keyring_file(value)
+        return value
+
+    @field_validator("snapshot_key")
+    @classmethod
+    def _snapshot_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_key(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _one_snapshot_key_source(self) -> ServerSettings:
+        if self.snapshot_key_file is not None and self.snapshot_key is not None:
+            raise ValueError("snapshot_key_file and snapshot_key (TEXTGEN_SNAPSHOT_KEY): give one of them")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerSettings:

@@ -441,14 +441,15 @@ def test_snapshot_resumes_on_another_server(serve: Callable[..., Live]) -> None:
 
 
 def test_bad_snapshots_are_refused(serve: Callable[..., Live]) -> None:
-    live, other = serve(), serve(snapshot_key="another-key")
+    # Every fault's own message is tested in tests/test_snapshots.py; here, that each reaches the client.
+    live, other = serve(), serve(snapshot_key="another-deployment:" + "ab" * 32)
     snapshot = live.generate("the ", max_tokens=5, seed=1, return_snapshot=True).complete.snapshot
     middle = len(snapshot) // 2
     flipped_payload = snapshot[:middle] + bytes([snapshot[middle] ^ 0x01]) + snapshot[middle + 1 :]
-    flipped_mac = snapshot[:-1] + bytes([snapshot[-1] ^ 0x80])
+    flipped_tag = snapshot[:-1] + bytes([snapshot[-1] ^ 0x80])
     bad = {
         "flipped payload byte": (live, flipped_payload),
-        "flipped mac byte": (live, flipped_mac),
+        "flipped tag byte": (live, flipped_tag),
         "truncated": (live, snapshot[:-10]),
         "half": (live, snapshot[:middle]),
         "garbage": (live, b"\xff" * 40),

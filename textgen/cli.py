@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import cli as bench_cli
     from exporter import cli as exporter_cli
     from service import cli as service_cli
+    from service import keyring
     from textgen import client_cli
     from training import cli as training_cli
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.register(commands)
     exporter_cli.register(commands)
     service_cli.register(commands)
+    keyring.register(commands)
     client_cli.register(commands)
     bench_cli.register(commands)
     return parser
