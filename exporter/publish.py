@@ -1,5 +1,6 @@
-"""Checkpoint -> model bundle. Everything is written into a temporary sibling directory, verified there, and
-renamed into place last: a failed or interrupted export never leaves a directory that looks like a bundle."""
+"""Checkpoint -> model bundle. Everything is written into a temporary sibling directory, fsynced, verified there,
+and renamed into place last: a failed, interrupted or crashed export never leaves a directory a model repository
+would serve (the staging name is one the loader skips), and a finished one survives a power cut."""
 
 from __future__ import annotations
 
@@ -18,11 +19,20 @@ import torch
 from exporter.graph import OPSET, export_onnx, input_names, output_names
 from exporter.verify import FP32_TOLERANCE, ParityReport, check_graph, check_parity, cpu_session
 from service.bundle import load_bundle, sha256_file
-from service.manifest import DETOKENIZE_RULES, FORMAT_VERSION, MANIFEST, Manifest
+from service.manifest import (
+    DETOKENIZE_RULES,
+    FORMAT_VERSION,
+    MANIFEST,
+    STAGING_PREFIX,
+    STAGING_SUFFIX,
+    Manifest,
+    is_version_dir_name,
+)
 from textgen import __version__
 from textgen.errors import BundleError
 from textgen.tokenizer import EOS, UNK, Level, TextTokenizer
 from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.durable import fsync_directory, make_directories_durably, write_file_durably
 from training.model import RNNLanguageModel
 
 
@@ -132,6 +142,11 @@ def export_bundle(
     if out_dir.exists():
         raise BundleError(f"{out_dir} already exists: bundle versions are immutable, export to a new version")
     name, version = out_dir.parent.name, out_dir.name
+    if not is_version_dir_name(version):
+        # A model repository serves only such names; a bundle it would silently ignore is a mistake.
+        raise BundleError(
+            f"{out_dir}: the version directory must be named 1, 2, ... (no leading zeros), not {version!r}"
+        )
     ckpt = load_checkpoint(checkpoint_path)
     model, tokenizer = model_from_checkpoint(ckpt)
     onnx_bytes = export_onnx(model)
@@ -154,11 +169,14 @@ def export_bundle(
     else:
         raise BundleError(f"unknown quantization {quantize!r}: choose int8")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".partial", dir=out_dir.parent))
+    make_directories_durably(out_dir.parent)
+    # The staging directory is a sibling (a rename within one filesystem is atomic) whose name a model
+    # repository never serves: '.'-prefixed, never a version name, so a killed export leaves nothing servable.
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}.", suffix=STAGING_SUFFIX, dir=out_dir.parent))
+    assert not is_version_dir_name(staging.name)
     try:
-        (staging / "model.onnx").write_bytes(graph_bytes)
-        (staging / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+        write_file_durably(staging / "model.onnx", graph_bytes)
+        write_file_durably(staging / "tokenizer.json", tokenizer.to_json().encode("utf-8"))
         files = {f: sha256_file(staging / f) for f in ("model.onnx", "tokenizer.json")}
         manifest = build_manifest(
             name,
@@ -173,10 +191,14 @@ def export_bundle(
             files,
             quality,
         )
-        (staging / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+        manifest_json = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
+        write_file_durably(staging / MANIFEST, manifest_json.encode("utf-8"))
         load_bundle(staging)  # exactly what the service will do
         staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the serving user
+        # Every file is fsynced; now the staging directory's entries, then the rename in the model directory.
+        fsync_directory(staging)
         staging.rename(out_dir)
+        fsync_directory(out_dir.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

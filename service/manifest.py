@@ -8,12 +8,41 @@ graph's I/O contract, the tokenizer's level and detokenization rule, the sha256 
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+
+# A model repository serves only version directories named like this: a positive integer without leading zeros,
+# the rule Triton's model repositories use. Anything else in a model directory is ignored, in particular the
+# staging directory of an export in progress (or killed), which the exporter names with STAGING_PREFIX: a leading
+# '.' can never match, so a half-written bundle is never served, whatever its contents look like.
+VERSION_DIR = re.compile(r"[1-9][0-9]*")
+STAGING_PREFIX = "."
+STAGING_SUFFIX = ".partial"
+
+
+def is_version_dir_name(name: str) -> bool:
+    return VERSION_DIR.fullmatch(name) is not None
+
+
+def plain_file_name(name: str) -> str:
+    """``name`` if it names a file directly inside the bundle directory; ValueError otherwise. A manifest is
+    input: a name like ``../../etc/passwd`` or ``/etc/passwd`` must not make the loader read outside the bundle."""
+    if not name or name in (".", ".."):
+        raise ValueError(f"file name {name!r} is not a file name")
+    if "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"file name {name!r} must be a plain name inside the bundle (no path separators)")
+    if name == MANIFEST:
+        raise ValueError(f"file name {name!r} is the manifest itself")
+    return name
+
+
+PlainFileName = Annotated[str, AfterValidator(plain_file_name)]
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 DETOKENIZE_RULES = {
     "char": "concatenate token texts; <unk> is shown as U+FFFD",
@@ -42,7 +71,7 @@ class ModelInfo(_Strict):
 
 
 class TokenizerInfo(_Strict):
-    file: str = "tokenizer.json"
+    file: PlainFileName = "tokenizer.json"
     level: Literal["char", "word"]
     vocab_size: int = Field(ge=2)
     unk_token: str
@@ -52,7 +81,7 @@ class TokenizerInfo(_Strict):
 
 
 class GraphInfo(_Strict):
-    file: str = "model.onnx"
+    file: PlainFileName = "model.onnx"
     opset: int
     precision: Literal["fp32", "int8", "fp16"]
     inputs: list[TensorSpec]
@@ -111,4 +140,7 @@ class Manifest(_Strict):
     provenance: Provenance
     verification: Verification
     quality: QualityChange | None = None
-    files: dict[str, str] = Field(description="sha256 of every other file in the bundle, by relative path")
+    files: dict[PlainFileName, Sha256Hex] = Field(
+        description="sha256 (lowercase hex) of every other file in the bundle, by plain file name: the bundle "
+        "directory holds exactly these files and the manifest"
+    )

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.bundle import Bundle, load_bundle
-from service.manifest import MANIFEST
+from service.manifest import MANIFEST, is_version_dir_name
 from service.settings import ServerSettings
 from textgen.errors import BundleError, InvalidInputError, NotFoundError
 
@@ -123,7 +123,10 @@ def _open(path: Path, settings: ServerSettings) -> ServedModel:
     if policy == "auto":
         policy = "reject" if bundle.manifest.tokenizer.level == "char" else "map"
     model = ServedModel(bundle, policy)
-    model.warm_up()
+    try:
+        model.warm_up()
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidArgument, ...) for a bad run
+        raise BundleError(f"{path}: the warm-up run failed: {str(exc).splitlines()[0]}") from None
     log.info(
         "loaded model %s version %s from %s: %s %dx%d, vocab %d, %s, providers %s",
         model.name,
@@ -138,33 +141,81 @@ def _open(path: Path, settings: ServerSettings) -> ServedModel:
     return model
 
 
-def _version_key(version: str) -> tuple[int, int | str]:
-    return (1, int(version)) if version.isdigit() else (0, version)
-
-
-def find_bundles(settings: ServerSettings) -> list[Path]:
-    """The bundle directories to serve: the one given, or the newest version of each model in the repository."""
-    if settings.bundle is not None:
-        return [settings.bundle]
-    repo = settings.model_repository
-    assert repo is not None
+def find_bundles(repo: Path) -> dict[str, list[Path]]:
+    """Each model directory of the repository with its version directories, newest first. Only names the
+    repository rule accepts count (``is_version_dir_name``: 1, 2, ...); anything else, such as an unfinished
+    export's '.'-prefixed staging directory, is never a candidate, whatever it holds."""
     if not repo.is_dir():
         raise BundleError(f"model repository not found: {repo}")
-    found = []
-    for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        versions = [v for v in model_dir.iterdir() if v.is_dir() and (v / MANIFEST).is_file()]
+    found: dict[str, list[Path]] = {}
+    try:
+        model_dirs = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:
+        raise BundleError(f"model repository {repo}: cannot list it ({exc.strerror})") from None
+    for model_dir in model_dirs:
+        try:
+            entries = list(model_dir.iterdir())
+        except OSError as exc:
+            log.error("skipping model directory %s: cannot list it (%s)", model_dir, exc.strerror)
+            continue
+        versions = []
+        for entry in entries:
+            if is_version_dir_name(entry.name):
+                versions.append(entry)
+            else:
+                log.warning(
+                    "ignoring %s: not a version directory (versions are named 1, 2, ...; a '.'-prefixed "
+                    "directory is an unfinished export's, safe to delete when no export is running)",
+                    entry,
+                )
         if versions:
-            found.append(max(versions, key=lambda v: _version_key(v.name)))
+            found[model_dir.name] = sorted(versions, key=lambda v: int(v.name), reverse=True)
     if not found:
         raise BundleError(f"model repository {repo} holds no <model>/<version>/{MANIFEST} bundle")
     return found
 
 
-class ModelRegistry:
-    """The models this server serves, by name."""
+@dataclass(frozen=True)
+class SkippedBundle:
+    """A bundle the server did not serve, and why (its ``BundleError`` message)."""
 
-    def __init__(self, models: list[ServedModel]) -> None:
+    path: Path
+    reason: str
+
+
+def _open_in_repository(path: Path, model_dir: str, settings: ServerSettings) -> ServedModel:
+    model = _open(path, settings)
+    if model.name != model_dir:
+        # The exporter names a bundle after its model directory; two directories claiming one name would be
+        # two different models served under one name.
+        raise BundleError(f"{path}: its manifest names model {model.name!r}, but it lies in {model_dir}/")
+    return model
+
+
+def _newest_loadable(
+    model_dir: str, versions: list[Path], settings: ServerSettings, skipped: list[SkippedBundle]
+) -> ServedModel | None:
+    """The newest version of one model that loads; each one that does not is logged and recorded."""
+    for path in versions:
+        try:
+            model = _open_in_repository(path, model_dir, settings)
+        except BundleError as exc:
+            skipped.append(SkippedBundle(path, str(exc)))
+            log.error("skipping bundle %s: %s", path, exc)
+            continue
+        if path is not versions[0]:
+            log.warning("model %s: serving version %s, the newest that loads", model_dir, path.name)
+        return model
+    log.error("model %s skipped: none of its %d version(s) loads", model_dir, len(versions))
+    return None
+
+
+class ModelRegistry:
+    """The models this server serves, by name, and the bundles it skipped at start-up."""
+
+    def __init__(self, models: list[ServedModel], skipped: list[SkippedBundle] | None = None) -> None:
         self._models: dict[str, ServedModel] = {}
+        self.skipped: list[SkippedBundle] = list(skipped or [])
         for m in models:
             if m.name in self._models:
                 raise BundleError(
@@ -174,7 +225,23 @@ class ModelRegistry:
 
     @classmethod
     def load(cls, settings: ServerSettings) -> ModelRegistry:
-        return cls([_open(p, settings) for p in find_bundles(settings)])
+        """One explicit ``bundle``: it must load. A ``model_repository``: the newest loadable version of each
+        model; a bad bundle is skipped (error logged) for the next older version, and start-up fails only when
+        no model at all loads."""
+        if settings.bundle is not None:
+            return cls([_open(settings.bundle, settings)])
+        repo = settings.model_repository
+        assert repo is not None
+        models: list[ServedModel] = []
+        skipped: list[SkippedBundle] = []
+        for model_dir, versions in find_bundles(repo).items():
+            model = _newest_loadable(model_dir, versions, settings, skipped)
+            if model is not None:
+                models.append(model)
+        if not models:
+            reasons = "; ".join(s.reason for s in skipped)
+            raise BundleError(f"model repository {repo}: no model could be loaded ({reasons})")
+        return cls(models, skipped)
 
     def __iter__(self):
         return iter(self._models.values())
