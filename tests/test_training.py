@@ -150,3 +150,111 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable textgen checkpoint"):
         load_checkpoint(bad)
+
+
+# -- resuming with other training flags ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        (
+            "--batch-size",
+            "8",
+            "cannot resume with --batch-size 8: this run was trained with --batch-size 4, and its "
+            "data position and carried state are laid out for 4 streams; drop the flag, or train into a new --out",
+        ),
+        (
+            "--optimizer",
+            "sgd",
+            "cannot resume with --optimizer sgd: this run was trained with --optimizer adamw, and "
+            "the checkpoint holds adamw's state, which sgd cannot use",
+        ),
+        ("--schedule", "plateau", "cannot resume with --schedule plateau: this run was trained with --schedule cosine"),
+    ],
+)
+def test_resume_with_a_flag_the_checkpoint_state_is_laid_out_for_is_one_line(
+    tmp_path: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, message: str
+) -> None:
+    from textgen.cli import main
+
+    out = str(tmp_path / "run")
+    tiny = ["--hidden", "16", "--embedding", "8", "--batch-size", "4", "--bptt", "16", "--quiet"]
+    assert main(["train", "--data", str(corpus_file), "--out", out, "--max-steps", "2", *tiny]) == 0
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--out", out, "--resume", "--max-steps", "4", "--quiet", flag, value]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("textgen train: error: " + message) and err.count("\n") == 1
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+def test_cosine_step_and_constant_schedules_may_replace_each_other_on_resume(tmp_path: Path, corpus_file: Path) -> None:
+    train = {**TINY_TRAIN, "max_steps": 4, "schedule": "cosine", "log_every": 1}
+    run_train(TINY_MODEL, {"path": str(corpus_file)}, train, tmp_path / "r", stop_at=2, progress=False)
+    resumed = run_train({}, {}, {"schedule": "constant"}, tmp_path / "r", resume=True, progress=False)
+    assert resumed.step == 4
+    logged = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in logged if "lr" in r][2:] == [TINY_TRAIN.get("lr", 2e-3)] * 2  # constant: the peak
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "plateau"])
+def test_a_learning_rate_given_on_resume_replaces_the_saved_one(
+    tmp_path: Path, corpus_file: Path, schedule: str
+) -> None:
+    train = {**TINY_TRAIN, "max_steps": 6, "schedule": schedule, "warmup_steps": 0, "lr": 0.01, "log_every": 1}
+    run_train(TINY_MODEL, {"path": str(corpus_file)}, train, tmp_path / "a", stop_at=3, progress=False)
+    run_train(TINY_MODEL, {"path": str(corpus_file)}, {**train, "lr": 0.04}, tmp_path / "b", progress=False)
+    run_train({}, {}, {"lr": 0.04}, tmp_path / "a", resume=True, progress=False)
+    lrs = {}
+    for run in ("a", "b"):
+        logged = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        lrs[run] = {r["step"]: r["lr"] for r in logged if "lr" in r}
+    assert lrs["a"][3] == pytest.approx(lrs["b"][3] / 4)  # before the resume: the old peak
+    for step in (4, 5, 6):  # after it: the schedule from the new peak, as if it had been given from the start
+        assert lrs["a"][step] == pytest.approx(lrs["b"][step])
+
+
+def test_the_first_loss_logged_after_a_resume_is_the_mean_of_its_own_steps(tmp_path: Path, corpus_file: Path) -> None:
+    train = {**TINY_TRAIN, "max_steps": 8, "eval_every": 100}
+    run_train(TINY_MODEL, {"path": str(corpus_file)}, {**train, "log_every": 1}, tmp_path / "each", progress=False)
+    run_train(
+        TINY_MODEL, {"path": str(corpus_file)}, {**train, "log_every": 4}, tmp_path / "r", stop_at=6, progress=False
+    )
+    run_train({}, {}, {}, tmp_path / "r", resume=True, progress=False)
+
+    def losses(run: str) -> dict[int, float]:
+        logged = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train_loss"] for r in logged if "train_loss" in r}
+
+    each, resumed = losses("each"), losses("r")
+    assert resumed[4] == pytest.approx(sum(each[s] for s in (1, 2, 3, 4)) / 4, rel=1e-5)
+    # steps 7 and 8 only ran after the resume at step 6: their mean, not their sum over 4
+    assert resumed[8] == pytest.approx((each[7] + each[8]) / 2, rel=1e-5)
+
+
+def test_a_checkpoint_is_fsynced_then_renamed_then_its_directory_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:  # the real call, recorded with the path it syncs
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "run" / "last.pt"
+    save_checkpoint(target, {"step": 1})
+    monkeypatch.undo()
+    (tmp_file,) = [path for kind, path in events if kind == "fsync" and path.endswith(".tmp")]
+    assert Path(tmp_file).name.startswith(".last.pt.")
+    assert events[-3:] == [("fsync", tmp_file), ("replace", str(target)), ("fsync", str(target.parent))]
+    assert load_checkpoint(target)["step"] == 1

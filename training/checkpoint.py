@@ -17,16 +17,18 @@ import torch
 
 from textgen.errors import CheckpointError, NotFoundError
 from textgen.tokenizer import TextTokenizer
+from training.durable import fsync_directory, make_directories_durably
 from training.model import ModelConfig, RNNLanguageModel
 
 FORMAT = 1
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``: a crash at any
-    point leaves either the old checkpoint or the new one, never a torn file."""
+    """Write to a temporary file in the same directory, fsync it, rename it over ``path``, then fsync the
+    directory (the rename itself is durable only then): a crash at any point leaves either the old checkpoint or
+    the new one, never a torn file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directories_durably(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -34,6 +36,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -52,6 +52,27 @@ def _check_same(kind: str, given: dict[str, Any], saved: dict[str, Any]) -> None
             )
 
 
+def _check_resumable(given: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Training flags replace the saved ones on resume, except those the checkpoint's state is laid out for."""
+
+    def refuse(name: str, why: str) -> None:
+        flag = "--" + name.replace("_", "-")
+        raise CheckpointError(
+            f"cannot resume with {flag} {given[name]}: this run was trained with {flag} {saved[name]}, and {why}; "
+            "drop the flag, or train into a new --out directory"
+        )
+
+    if "batch_size" in given and given["batch_size"] != saved["batch_size"]:
+        refuse("batch_size", f"its data position and carried state are laid out for {saved['batch_size']} streams")
+    if "optimizer" in given and given["optimizer"] != saved["optimizer"]:
+        refuse("optimizer", f"the checkpoint holds {saved['optimizer']}'s state, which {given['optimizer']} cannot use")
+    # cosine, step and constant are one scheduler (a multiplier of the step count) and may replace each other;
+    # plateau's state (best loss, evaluations since) is another kind.
+    schedules = {given.get("schedule", saved["schedule"]), saved["schedule"]}
+    if len(schedules) == 2 and "plateau" in schedules:
+        refuse("schedule", f"the checkpoint holds the {saved['schedule']} schedule's state, which is of another kind")
+
+
 def run_train(
     model_args: dict[str, Any],
     data_args: dict[str, Any],
@@ -74,6 +95,7 @@ def run_train(
         _check_same("data configuration", data_args, saved_data)
         _check_same("model configuration", model_args, checkpoint["model_config"])
         data_cfg = data_config_from(saved_data)
+        _check_resumable(train_args, checkpoint["train_config"])
         train_cfg = TrainConfig(**{**checkpoint["train_config"], **train_args})
         tok = checkpoint["tokenizer"]
         corpus = tokenize(load_splits(data_cfg), data_cfg, TextTokenizer.from_json(tok["level"], tok["json"]))

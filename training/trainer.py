@@ -80,6 +80,31 @@ def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoc
     return torch.optim.lr_scheduler.LambdaLR(opt, cosine)
 
 
+def _apply_changed_hyperparameters(
+    opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig, saved: TrainConfig
+) -> None:
+    """On resume, the restored optimizer and scheduler state carry the saved lr, weight decay and momentum; the
+    ones given again replace them (same optimizer and scheduler kind: ``run._check_resumable``). Nothing is
+    touched when nothing changed, so a plain resume stays bit-exact."""
+    for group in opt.param_groups:
+        if cfg.weight_decay != saved.weight_decay:
+            group["weight_decay"] = cfg.weight_decay
+        if cfg.optimizer == "sgd" and cfg.momentum != saved.momentum:
+            group["momentum"] = cfg.momentum
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):  # its saved state holds these too
+        sched.factor, sched.patience = cfg.plateau_factor, cfg.plateau_patience
+    if cfg.lr == saved.lr:
+        return
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        for group in opt.param_groups:  # keep the reductions made so far, from the new peak
+            group["lr"] *= cfg.lr / saved.lr
+        return
+    sched.base_lrs = [cfg.lr] * len(opt.param_groups)
+    for group, factor in zip(opt.param_groups, sched.lr_lambdas, strict=True):
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * factor(sched.last_epoch)
+
+
 @contextlib.contextmanager
 def _stop_requests() -> Iterator[threading.Event]:
     """SIGINT/SIGTERM ask the loop to stop at the next step boundary (and save), not mid-update.
@@ -143,6 +168,7 @@ def train(
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
+        _apply_changed_hyperparameters(opt, sched, cfg, TrainConfig(**resume["train_config"]))
         step, epoch, position = resume["step"], resume["epoch"], resume["data_position"]
         state = tuple(s.to(device) for s in resume["carried_state"])
         best_val, since_best = resume["best_val_loss"], resume["evals_since_best"]
@@ -178,6 +204,8 @@ def train(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True, desc="train")
     running_loss = torch.zeros((), device=device)
+    # Steps summed into running_loss: counted, because after a resume the first interval is partial.
+    running_steps = 0
     window_tokens, total_tokens, train_time = 0, 0, 0.0
     # tokens/s counts training only: evaluation and checkpoint time inside an interval is subtracted.
     interval_start, interval_pause = time.perf_counter(), 0.0
@@ -211,11 +239,12 @@ def train(
             if position >= n_windows * cfg.bptt:
                 position, epoch = 0, epoch + 1
             running_loss += loss.detach()
+            running_steps += 1
             window_tokens += y.numel()
             bar.update(1)
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                train_loss = running_loss.item() / ((step - 1) % cfg.log_every + 1)  # .item() syncs CUDA
+                train_loss = running_loss.item() / running_steps  # .item() syncs CUDA
                 now = time.perf_counter()
                 elapsed = now - interval_start - interval_pause
                 tps = window_tokens / elapsed
@@ -234,7 +263,7 @@ def train(
                 )
                 total_tokens, train_time = total_tokens + window_tokens, train_time + elapsed
                 running_loss.zero_()
-                window_tokens, interval_start, interval_pause = 0, now, 0.0
+                running_steps, window_tokens, interval_start, interval_pause = 0, 0, now, 0.0
 
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 eval_start = time.perf_counter()
