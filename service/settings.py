@@ -32,7 +32,18 @@ class ServerSettings(BaseSettings):
     tls_client_ca_file: Path | None = Field(
         None, description="CA bundle (PEM) that client certificates must chain to; enables mutual TLS"
     )
-    max_message_bytes: int = Field(16 << 20, ge=1 << 16, description="largest gRPC message accepted or sent")
+    max_message_bytes: int = Field(
+        1 << 20,
+        ge=1 << 16,
+        description="largest gRPC request message accepted (1 MiB holds a 16,384-token prompt of any model with room "
+        "to spare; gRPC's own default is 4 MiB); replies may be larger",
+    )
+    max_concurrent_rpcs: int = Field(
+        1024,
+        ge=1,
+        description="TextGeneration calls in progress at once; beyond it new calls get RESOURCE_EXHAUSTED (health "
+        "checks and reflection are not counted, so probes keep working under overload)",
+    )
     keepalive_seconds: float = Field(60.0, gt=0, description="HTTP/2 keepalive ping interval")
     # -- engine --------------------------------------------------------------------------------------------
     providers: Annotated[list[str], NoDecode] = Field(
@@ -67,7 +78,21 @@ class ServerSettings(BaseSettings):
         "this; a single stream, and every stream's first token, are sent at once",
     )
     slow_reader_policy: Literal["wait", "cancel"] = Field(
-        "wait", description="when a stream's buffer is full: pause that sequence, or cancel it"
+        "wait",
+        description="when a stream's buffer is full: pause that sequence (it gives up its batch slot), or end it at "
+        "once with finish reason SLOW_READER",
+    )
+    max_pause_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="a paused stream whose client has read nothing for this long ends with finish reason "
+        "SLOW_READER, freeing its state and buffered text",
+    )
+    score_step_logits: int = Field(
+        1 << 18,
+        ge=1,
+        description="logits (positions x vocabulary) one Score call may compute per engine step, so scoring a long "
+        "text with a large vocabulary never stalls running streams for more than a few milliseconds",
     )
     unknown_tokens: Literal["auto", "map", "reject"] = Field(
         "auto",
@@ -78,6 +103,13 @@ class ServerSettings(BaseSettings):
     max_sessions: int = Field(10000, ge=0, description="open sessions, all models together")
     session_memory_bytes: int = Field(1 << 30, ge=0, description="memory all sessions' state may hold")
     session_ttl_seconds: float = Field(600.0, gt=0, description="idle time after which a session expires")
+    max_sessions_per_principal: int = Field(
+        1000,
+        ge=1,
+        description="open sessions one client (mTLS identity, x-textgen-principal metadata, else IP address) may "
+        "hold; beyond it its own least recently used idle session is evicted, never another client's. It also "
+        "gets the same share of session_memory_bytes. Capped at max_sessions (equal to it: no per-client limit)",
+    )
     snapshot_key_file: Path | None = Field(
         None,
         description="keyring file for state snapshots: one `key-id:key` a line (hex or base64, at least 256 bits; "
