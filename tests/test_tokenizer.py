@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
@@ -107,3 +109,49 @@ def test_piece_by_piece_equals_pieces(level: str) -> None:
             pieces.append(tok.piece(i, previous))
             previous = i
         assert pieces == tok.pieces(ids, after)
+
+
+# Whitespace on which Python's str.split and the encoder's WhitespaceSplit (Unicode White_Space) may disagree.
+UNUSUAL = ["\x1c", "\x1d", "\x1e", "\x1f", "\x85", "\u2028", "\u00a0", "\u3000", "\t", "\r", "\x0b", "\x0c"]
+
+
+def _unusual_text(repeat: int = 1) -> str:
+    lines = []
+    for n, c in enumerate(UNUSUAL):
+        lines.append(f"a{c}b w{n}{c} {c}lead{n} x{n}{c}{c}y{n} plain")
+    lines.append("crlf line\r")
+    return ("\n".join(lines) + "\n") * repeat
+
+
+def test_word_counts_split_exactly_as_the_encoder_does() -> None:
+    text = _unusual_text()
+    counts = count_tokens(Level.WORD, text)
+    assert counts["a\x1cb"] == 1  # one word to the encoder: str.split would have counted "a" and "b"
+    assert "a\u3000b" not in counts and counts["a"] >= 1  # and U+3000 does separate words for both
+    tok = TextTokenizer.build(Level.WORD, counts)
+    for word in counts:
+        ids = tok.encode(word)
+        assert len(ids) == 1 and ids[0] != tok.unk_id and tok.id_to_token[ids[0]] == word, repr(word)
+    ids = tok.encode(text)
+    assert tok.unk_id not in ids
+    assert np.array_equal(tok.encode(tok.decode(ids)), ids)  # the round trip holds
+
+
+@pytest.mark.parametrize("level", list(Level))
+def test_counts_are_the_histogram_of_the_encoding_over_many_chunks(level: Level) -> None:
+    text = _unusual_text(repeat=600) + "only plain words here\n" * 20_000  # well over one encoding chunk
+    counts = count_tokens(level, text)
+    tok = TextTokenizer.build(level, counts)
+    ids = tok.encode(text)
+    assert tok.unk_id not in ids
+    assert Counter(tok.id_to_token[i] for i in ids.tolist()) == counts
+
+
+def test_char_counts_split_exactly_as_the_encoder_does() -> None:
+    text = "".join(UNUSUAL) + "\r\n" + "".join(chr(i) for i in range(0x10000) if not 0xD800 <= i < 0xE000)
+    text += "".join(chr(i) for i in range(0x10000, 0x110000, 97))
+    counts = count_tokens(Level.CHAR, text)
+    tok = TextTokenizer.build(Level.CHAR, counts)
+    ids = tok.encode(text)
+    assert len(ids) == len(text) and tok.unk_id not in ids  # one token per code point, every one known
+    assert tok.decode(ids) == text
