@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,10 +22,17 @@ from service.sequence import Delta, Result, Sequence
 from service.sessions import Session, SessionStore
 from service.settings import ServerSettings
 from service.snapshots import SnapshotCodec
-from textgen.errors import CancelledError, InvalidInputError, TextgenError
+from textgen.errors import CancelledError, FailedPreconditionError, InvalidInputError, TextgenError
 from textgen.sampling import SamplingParams
 
 log = logging.getLogger("textgen.app")
+
+# Texts up to this many characters are encoded on the event loop (under 1 ms); longer ones on a worker thread,
+# so one huge prompt never holds up the other calls.
+_INLINE_ENCODE_CHARS = 1024
+# How long a call on a session waits for the session's previous generation to settle: its result is there and its
+# final message is being delivered (the commit follows delivery, and a fast client may already be asking again).
+_SETTLE_WAIT_SECONDS = 5.0
 
 
 @dataclass
@@ -44,6 +52,7 @@ class GenerateSpec:
     session_id: str = ""
     snapshot: bytes = b""
     return_snapshot: bool = False
+    principal: str = ""  # who is calling (service/principals.py): a session is used only by its owner
 
 
 @dataclass
@@ -55,6 +64,8 @@ class Generation:
     spec: GenerateSpec
     session: Session | None = None
     ended: bool = False
+    committed: bool = False
+    settled: asyncio.Future[None] | None = None  # set while the final message is delivered (sessions only)
 
     @property
     def model(self) -> ServedModel:
@@ -78,7 +89,7 @@ class ScoreResult:
 
     @property
     def loss(self) -> float:
-        return float(-self.logprobs.mean()) if self.logprobs.size else 0.0
+        return float(-self.logprobs.mean(dtype=np.float64)) if self.logprobs.size else 0.0
 
 
 def _finite(name: str, value: float | None, default: float) -> float:
@@ -95,12 +106,19 @@ class App:
         self.registry = registry
         self.metrics = metrics if metrics is not None else Metrics()
         self.engines = {m.name: Engine(m, settings, self.metrics.observer(m.name)) for m in registry}
-        self.sessions = SessionStore(settings.max_sessions, settings.session_memory_bytes, settings.session_ttl_seconds)
+        self.sessions = SessionStore(
+            settings.max_sessions,
+            settings.session_memory_bytes,
+            settings.session_ttl_seconds,
+            settings.max_sessions_per_principal,
+        )
         self.metrics.bind(self)
         self.snapshots = SnapshotCodec.from_settings(settings)
         if self.snapshots.ephemeral_key:
             log.warning("no snapshot key (TEXTGEN_SNAPSHOT_KEY_FILE): snapshots resume only on this server process")
         self.draining = False
+        self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        self._settling: dict[str, asyncio.Future[None]] = {}  # session id -> its last generation's settling
 
     def start(self) -> None:
         for engine in self.engines.values():
@@ -118,6 +136,7 @@ class App:
     def stop(self) -> None:
         for engine in self.engines.values():
             engine.stop()
+        self._encoder.shutdown(wait=False, cancel_futures=True)
 
     def model_label(self, model: str, session_id: str = "") -> str:
         """The metrics label for a call naming ``model`` (or a session): a served model's name, or "unknown",
@@ -160,12 +179,16 @@ class App:
                 raise InvalidInputError(f"stop[{i}]: {len(stop)} characters exceed the maximum of {s.max_stop_chars}")
         return list(stops)
 
-    def _feed(self, model: ServedModel, ctx: Context, text: str, field_name: str) -> np.ndarray:
-        ids = model.encode_prompt(text, field_name)
-        if ids.size > self.settings.max_prompt_tokens:
-            raise InvalidInputError(
-                f"{field_name}: {ids.size} tokens exceed this server's maximum of {self.settings.max_prompt_tokens}"
-            )
+    async def _encode(self, model: ServedModel, text: str, field_name: str) -> np.ndarray:
+        """``text``'s token ids within the prompt limit (checked before encoding where the length allows it)."""
+        limit = self.settings.max_prompt_tokens
+        if len(text) <= _INLINE_ENCODE_CHARS:
+            return model.encode_prompt(text, field_name, limit)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._encoder, model.encode_prompt, text, field_name, limit)
+
+    @staticmethod
+    def _feed(model: ServedModel, ctx: Context, ids: np.ndarray) -> np.ndarray:
         if ctx.pending >= 0:
             ids = np.concatenate([[ctx.pending], ids]).astype(np.int64)
         if ids.size == 0:  # nothing to continue from: start a new text, as every training text starts
@@ -176,7 +199,7 @@ class App:
         if spec.session_id and spec.snapshot:
             raise InvalidInputError("session_id, snapshot: give at most one of them")
         if spec.session_id:
-            session = self.sessions.acquire(spec.session_id)
+            session = self.sessions.acquire(spec.session_id, spec.principal)
             model = session.context.model
             if spec.model and spec.model != model.name:
                 self.sessions.release(session)
@@ -187,7 +210,7 @@ class App:
         ctx = self.snapshots.load(spec.snapshot, model) if spec.snapshot else Context.fresh(model, spec.seed)
         return self.engines[model.name], ctx, None
 
-    def start_generation(
+    async def start_generation(
         self,
         spec: GenerateSpec,
         loop: asyncio.AbstractEventLoop,
@@ -197,11 +220,14 @@ class App:
         params = self._params(spec)
         max_tokens = self._max_tokens(spec.max_tokens)
         stops = self._stops(spec.stop)
+        if spec.session_id:
+            self.sessions.get(spec.session_id, spec.principal)  # NOT_FOUND before any wait: a wait would tell
+            await self._settled(spec.session_id)  # another principal that the session exists
         engine, ctx, session = self._context_for(spec)
         try:
             if spec.seed is not None and (session is not None or spec.snapshot):
                 ctx.reseed(spec.seed)
-            feed = self._feed(engine.model, ctx, spec.prompt, "prompt")
+            feed = self._feed(engine.model, ctx, await self._encode(engine.model, spec.prompt, "prompt"))
             ctx.seen[feed] = True  # the repetition penalty covers the prompt too, as in the torch reference
             seq = Sequence(
                 context=ctx,
@@ -220,6 +246,19 @@ class App:
             raise
         return Generation(seq, engine, spec, session)
 
+    async def _settled(self, session_id: str) -> None:
+        """Wait (briefly) for the session's previous generation to settle, so a client that asks again the
+        moment it reads a final message finds the session committed, not busy."""
+        settling = self._settling.get(session_id)
+        if settling is None or settling.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(settling), _SETTLE_WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            raise FailedPreconditionError(
+                f"session {session_id!r} is still delivering its previous generation; read it to the end first"
+            ) from None
+
     async def follow(self, gen: Generation) -> AsyncIterator[tuple[list[Delta], Result | None]]:
         """The sequence's output as it comes: every delta produced since the last yield (so a reader that falls
         behind gets them coalesced), and the result with the last batch."""
@@ -236,23 +275,42 @@ class App:
             if result is not None:
                 return
 
-    def end_generation(self, gen: Generation) -> Outcome | None:
-        """Settle a generation, however it ended: commit the session on success, release it always, cancel the
-        sequence if it is still running (the client went away). Idempotent."""
+    def outcome(self, gen: Generation) -> Outcome:
+        """The finished generation as its final message reports it (a snapshot when asked). Nothing changes on
+        the server until ``commit``, after that message is delivered."""
+        result = gen.seq.result
+        assert result is not None
+        if gen.session is not None and result.context is not None:
+            gen.settled = asyncio.get_running_loop().create_future()
+            self._settling[gen.session.id] = gen.settled
+        snapshot = self.snapshots.dump(result.context) if gen.spec.return_snapshot and result.context else b""
+        return Outcome(result, snapshot, gen.session.id if gen.session else "")
+
+    def commit(self, gen: Generation) -> None:
+        """The final message was delivered: the session takes the generation's context. Only then, so a call
+        that is cancelled or times out, however late, never changes its session."""
+        result = gen.seq.result
+        if gen.ended or result is None or result.error is not None:
+            return
+        gen.committed = True
+        self.end_generation(gen)
+
+    def end_generation(self, gen: Generation) -> None:
+        """Settle a generation, however it ended: cancel the sequence if it is still running (the client went
+        away), release the session, taking the new context only if ``commit`` said so. Idempotent."""
         if gen.ended:
-            return None
+            return
         gen.ended = True
         result = gen.seq.result
         if result is None:
             gen.seq.cancel(CancelledError("the client cancelled or disconnected"))
             gen.engine.wake()
-        ctx = result.context if result is not None else None
         if gen.session is not None:
-            self.sessions.release(gen.session, ctx)
-        if result is None:
-            return None
-        snapshot = self.snapshots.dump(ctx) if gen.spec.return_snapshot and ctx is not None else b""
-        return Outcome(result, snapshot, gen.session.id if gen.session else "")
+            self.sessions.release(gen.session, result.context if gen.committed and result is not None else None)
+            if gen.settled is not None:
+                gen.settled.set_result(None)
+                if self._settling.get(gen.session.id) is gen.settled:
+                    del self._settling[gen.session.id]
 
     # -- scoring ----------------------------------------------------------------------------------------------
     async def score(
@@ -261,13 +319,9 @@ class App:
         model = self.registry.get(model_name)
         if not text:
             raise InvalidInputError("text: empty; nothing to score")
-        ids = model.encode_prompt(text, "text")
+        ids = await self._encode(model, text, "text")
         if ids.size == 0:
             raise InvalidInputError("text: holds no tokens (only whitespace?)")
-        if ids.size > self.settings.max_prompt_tokens:
-            raise InvalidInputError(
-                f"text: {ids.size} tokens exceed this server's maximum of {self.settings.max_prompt_tokens}"
-            )
         feed = np.concatenate([[model.tokenizer.start_id], ids[:-1]]).astype(np.int64)
         seq = Sequence(
             context=Context.fresh(model, 0),
@@ -291,7 +345,9 @@ class App:
         raise AssertionError("scoring ended without a result")
 
     # -- sessions ---------------------------------------------------------------------------------------------
-    def create_session(self, model_name: str, snapshot: bytes = b"", seed: int | None = None) -> Session:
+    def create_session(
+        self, model_name: str, snapshot: bytes = b"", seed: int | None = None, principal: str = ""
+    ) -> Session:
         model = self.registry.get(model_name)
         if snapshot:
             ctx = self.snapshots.load(snapshot, model)
@@ -299,14 +355,14 @@ class App:
                 ctx.reseed(seed)
         else:
             ctx = Context.fresh(model, seed)
-        return self.sessions.create(ctx)
+        return self.sessions.create(ctx, principal)
 
-    def fork_session(self, session_id: str, seed: int | None = None) -> Session:
-        source = self.sessions.get(session_id)
+    def fork_session(self, session_id: str, seed: int | None = None, principal: str = "") -> Session:
+        source = self.sessions.get(session_id, principal)  # only the owner may fork; the copy is theirs too
         ctx = source.context.copy()
         if seed is not None:
             ctx.reseed(seed)
-        return self.sessions.create(ctx)
+        return self.sessions.create(ctx, principal)
 
-    def close_session(self, session_id: str) -> None:
-        self.sessions.close(session_id)
+    def close_session(self, session_id: str, principal: str = "") -> None:
+        self.sessions.close(session_id, principal)

@@ -7,12 +7,16 @@ sample all rows in one vectorised pass with each request's own generator; queue 
 transport once. The batch's recurrent state is the graph's own output, reused as the next step's input: rows are
 gathered again only when the set of decoding sequences changes.
 
+A stream whose client stops reading fills its bounded buffer and is paused: it leaves the decode batch and gives
+up its slot (``max_batch_size`` counts only sequences that can run), keeping its state; when its reader makes room
+it takes a slot again before any new request. A pause longer than ``max_pause_seconds`` ends it (SLOW_READER).
+A Score pass computes at most ``score_step_logits`` logits per step, so scoring never stalls running streams.
+
 The engine thread is the only writer of a running sequence; the transport (the asyncio thread) only drains its
 outbox and may set its cancel flag, both safe without a lock."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -20,41 +24,18 @@ from collections import deque
 
 import numpy as np
 
+from service.logprobs import token_logprobs
 from service.models import ServedModel, State
+from service.observer import EngineObserver
 from service.sequence import Delta, Finish, Phase, Result, Sequence, TokenLogprob
 from service.settings import ServerSettings
+from service.wakes import Wakes
 from textgen.errors import DeadlineExceededError, OverloadedError, TextgenError, UnavailableError
 from textgen.sampling import sample_batch
 
 log = logging.getLogger("textgen.engine")
 
 _IDLE_WAIT = 0.05  # seconds an idle engine sleeps before re-checking deadlines of waiting/paused sequences
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = np.asarray(logits, dtype=np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-class EngineObserver:
-    """Hooks for metrics; the default does nothing. Called on the engine thread."""
-
-    def step(self, phase: str, batch: int, tokens: int, seconds: float) -> None:
-        """One graph call: ``phase`` "prompt" or "decode", ``tokens`` run for ``batch`` sequences."""
-
-    def admitted(self, seq: Sequence) -> None:
-        """``seq`` left the queue for a batch slot."""
-
-    def first_token(self, seconds: float) -> None:
-        """A generation's first token, ``seconds`` after it arrived."""
-
-    def sampled(self, count: int, gaps: list[float]) -> None:
-        """A step sampled ``count`` tokens; ``gaps``: for each sequence that had sampled before, the seconds
-        since its previous token."""
-
-    def finished(self, seq: Sequence) -> None:
-        """``seq`` ended, however (its result is set)."""
 
 
 class Engine:
@@ -65,6 +46,9 @@ class Engine:
         self.chunk_tokens = settings.prefill_chunk_tokens
         self.buffer_limit = settings.stream_buffer_tokens
         self.cancel_slow_readers = settings.slow_reader_policy == "cancel"
+        self.max_pause = settings.max_pause_seconds
+        # Positions a score pass runs per step: its graph call and log-probabilities cost about positions x vocab.
+        self.score_step_tokens = max(1, settings.score_step_logits // model.vocab_size)
         self.max_stream_interval = min(settings.max_stream_interval, settings.stream_buffer_tokens)
         self.observer = observer or EngineObserver()
         self._cond = threading.Condition()
@@ -73,11 +57,12 @@ class Engine:
         self._decode: list[Sequence] = []  # includes paused sequences
         self._rows: list[Sequence] = []  # sequences whose state is in _batch_state, in row order
         self._batch_state: State = ()
-        self._admitted = 0
+        self._admitted = 0  # sequences holding a batch slot
+        self._active = 0  # sequences admitted and not finished (paused ones included)
         self._draining = False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{model.name}", daemon=True)
-        self._wake_hooks: dict[object, list[Sequence]] = {}
+        self._wakes = Wakes()
 
     # -- called from the transport --------------------------------------------------------------------------
     def start(self) -> None:
@@ -102,9 +87,14 @@ class Engine:
 
     @property
     def running(self) -> int:
-        """Admitted sequences (prompt or decode). A counter, not the two lists' lengths: a sequence moves from
-        one list to the other mid-step, and ``submit`` reads this from another thread."""
+        """Sequences holding a batch slot (prompt or decode, not paused). A counter, not the lists' lengths: a
+        sequence moves from one list to the other mid-step, and ``submit`` reads this from another thread."""
         return self._admitted
+
+    @property
+    def paused(self) -> int:
+        """Admitted sequences out of the batch, waiting for their reader (or for a slot again)."""
+        return self._active - self._admitted
 
     @property
     def queued(self) -> int:
@@ -112,7 +102,7 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not self._waiting and self._admitted == 0
+        return not self._waiting and self._active == 0
 
     def drain(self) -> None:
         """Take no new work; what is queued or running goes on."""
@@ -132,38 +122,58 @@ class Engine:
             with self._cond:
                 if self._stopping:
                     break
-                self._admit()
                 if not self._runnable():
                     self._cond.wait(_IDLE_WAIT)
             try:
+                self._retire(time.monotonic())
+                with self._cond:
+                    self._admit()
                 self._step()
             except Exception:  # a bug: fail what was running, keep serving
                 log.exception("engine step failed for model %s", self.model.name)
                 for seq in [*self._prefill, *self._decode]:
                     self._finish(seq, error=TextgenError("internal error while generating (logged on the server)"))
                 self._rows, self._batch_state = [], ()
-                self._flush_wakes()
+                self._wakes.flush()
         with self._cond:
             leftovers = [*self._waiting, *self._prefill, *self._decode]
             self._waiting.clear()
         for seq in leftovers:
             self._finish(seq, finish=Finish.CANCELLED)
-        self._flush_wakes()
+        self._wakes.flush()
 
     def _runnable(self) -> bool:
-        return bool(self._prefill) or any(not s.paused for s in self._decode)
+        return bool(self._waiting) or bool(self._prefill) or any(not s.paused for s in self._decode)
+
+    def _take_slot(self, seq: Sequence) -> None:
+        seq.holds_slot = True
+        self._admitted += 1
+
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.holds_slot:
+            seq.holds_slot = False
+            self._admitted -= 1
 
     def _admit(self) -> None:
+        """Fill free slots: paused sequences whose reader made room first (they hold state and a client), then
+        waiting requests in arrival order."""
+        for seq in self._decode:
+            if self._admitted >= self.max_batch:
+                return
+            if seq.paused and seq.buffered_tokens < self.buffer_limit:
+                seq.paused, seq.paused_since = False, 0.0
+                self._take_slot(seq)
         now = time.monotonic()
-        while self._waiting and self.running < self.max_batch:
+        while self._waiting and self._admitted < self.max_batch:
             seq = self._waiting.popleft()
             if self._reap_reason(seq, now) is not None:
-                self._waiting.appendleft(seq)  # reaped below, with the others
+                self._waiting.appendleft(seq)  # reaped at the next step, with the others
                 break
             seq.phase = Phase.PREFILL
             seq.admitted = now
             self._prefill.append(seq)
-            self._admitted += 1
+            self._take_slot(seq)
+            self._active += 1
             self.observer.admitted(seq)
 
     def _reap_reason(self, seq: Sequence, now: float) -> TextgenError | None:
@@ -173,8 +183,9 @@ class Engine:
             return DeadlineExceededError("deadline exceeded while generating")
         return None
 
-    def _step(self) -> None:
-        now = time.monotonic()
+    def _retire(self, now: float) -> None:
+        """End cancelled and expired sequences; pause those whose reader fell behind (freeing their slot) and
+        end those paused for longer than the limit."""
         with self._cond:
             waiting = list(self._waiting)
         for seq in [*waiting, *self._prefill, *self._decode]:
@@ -184,8 +195,17 @@ class Engine:
                     if seq in self._waiting:
                         self._waiting.remove(seq)
                 self._finish(seq, error=reason)
-        self._apply_backpressure()
+        for seq in list(self._decode):  # a copy: _finish removes from the list
+            if seq.buffered_tokens < self.buffer_limit:
+                seq.paused_since = 0.0  # the reader made room; the sequence waits for a slot if it has none
+            elif self.cancel_slow_readers or (seq.paused_since and now - seq.paused_since >= self.max_pause):
+                self._finish(seq, finish=Finish.SLOW_READER)
+            else:
+                seq.paused = True
+                seq.paused_since = seq.paused_since or now
+                self._release_slot(seq)
 
+    def _step(self) -> None:
         ready = self._run_prefill()
         rows, logits = self._run_decode()
         if ready:
@@ -195,15 +215,7 @@ class Engine:
         if rows:
             assert logits is not None
             self._sample(rows, logits)
-        self._flush_wakes()
-
-    def _apply_backpressure(self) -> None:
-        for seq in self._decode:
-            full = seq.buffered_tokens >= self.buffer_limit
-            if full and self.cancel_slow_readers:
-                self._finish(seq, finish=Finish.CANCELLED)
-            else:
-                seq.paused = full
+        self._wakes.flush()
 
     # -- prompt ----------------------------------------------------------------------------------------------
     def _run_prefill(self) -> list[tuple[Sequence, np.ndarray]]:
@@ -214,7 +226,7 @@ class Engine:
         for seq in self._prefill:
             if budget <= 0:
                 break
-            n = min(seq.feed.size - seq.fed, budget)
+            n = min(seq.feed.size - seq.fed, budget, self.score_step_tokens if seq.score else budget)
             budget -= n
             groups.setdefault((n, seq.score), []).append(seq)
         ready = []
@@ -234,12 +246,13 @@ class Engine:
         self.observer.step("prompt", len(seqs), len(seqs) * n, seconds)
         ready = []
         for i, seq in enumerate(seqs):
-            seq.own_state = tuple(s[:, i : i + 1] for s in state) if len(seqs) > 1 else state
+            # a copy of its row: a view would keep the whole batch's arrays alive as long as the sequence
+            seq.own_state = tuple(s[:, i : i + 1].copy() for s in state) if len(seqs) > 1 else state
             seq.prompt_seconds += seconds
             if score:
                 assert seq.score_targets is not None
                 targets = seq.score_targets[seq.fed : seq.fed + n]
-                seq.score_parts.append(log_softmax(logits[0])[np.arange(n), targets])
+                seq.score_parts.append(token_logprobs(logits[0], targets))
             seq.fed += n
             if seq.fed == seq.feed.size:
                 self._prefill.remove(seq)
@@ -307,6 +320,8 @@ class Engine:
         rngs = [s.context.rng for s in rows]
         seen = [s.context.seen for s in rows]
         tokens = sample_batch(logits, params, rngs, seen)
+        wanted = [i for i, s in enumerate(rows) if s.logprobs]
+        chosen = dict(zip(wanted, token_logprobs(logits[wanted], tokens[wanted]).tolist(), strict=True))
         now = time.monotonic()
         tokenizer = self.model.tokenizer
         gaps: list[float] = []
@@ -325,9 +340,7 @@ class Engine:
             seq.next_token = token
             piece = tokenizer.piece(token, seq.previous)
             seq.previous = token
-            lps = []
-            if seq.logprobs:
-                lps.append(TokenLogprob(token, tokenizer.id_to_token[token], float(log_softmax(logits[i])[token])))
+            lps = [TokenLogprob(token, tokenizer.id_to_token[token], chosen[i])] if seq.logprobs else []
             text, stop = seq.stop_matcher.push(piece)
             if stop is None and seq.generated >= seq.max_tokens:
                 text += seq.stop_matcher.flush()
@@ -339,7 +352,7 @@ class Engine:
             elif seq.generated >= seq.max_tokens:
                 self._finish(seq, finish=Finish.LENGTH)
             elif seq.buffered_tokens >= interval or seq.generated == 1:  # the first token never waits
-                self._touch(seq)
+                self._wakes.add(seq)
         self.observer.sampled(len(rows), gaps)
 
     def _finish(
@@ -361,7 +374,8 @@ class Engine:
         if seq in self._decode:
             self._decode.remove(seq)
         if seq.phase is not Phase.WAITING:
-            self._admitted -= 1
+            self._active -= 1
+        self._release_slot(seq)
         seq.phase = Phase.DONE
         result = Result(
             finish=finish if error is None else None,
@@ -369,7 +383,7 @@ class Engine:
             prompt_tokens=int(seq.feed.size),
             generated_tokens=seq.generated,
             seed=seq.context.seed,
-            context=ctx if finish in (Finish.LENGTH, Finish.STOP, Finish.END_OF_TEXT) else None,
+            context=ctx if finish in (Finish.LENGTH, Finish.STOP) else None,
             error=error,
             queue_seconds=(seq.admitted or now) - seq.arrived,
             prompt_seconds=seq.prompt_seconds,
@@ -380,23 +394,4 @@ class Engine:
             result.score_logprobs = np.concatenate(seq.score_parts) if seq.score_parts else np.zeros(0)
         seq.result = result
         self.observer.finished(seq)
-        self._touch(seq)
-
-    def _touch(self, seq: Sequence) -> None:
-        if seq.loop is not None:
-            self._wake_hooks.setdefault(seq.loop, []).append(seq)
-        elif seq.on_ready is not None:
-            seq.on_ready()
-
-    def _flush_wakes(self) -> None:
-        """Wake the transport once per step and event loop, not once per sequence."""
-        for loop, seqs in self._wake_hooks.items():
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-                loop.call_soon_threadsafe(_set_events, seqs)  # type: ignore[attr-defined]
-        self._wake_hooks = {}
-
-
-def _set_events(seqs: list[Sequence]) -> None:
-    for s in seqs:
-        if s.event is not None:
-            s.event.set()
+        self._wakes.add(seq)

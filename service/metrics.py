@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service.engine import EngineObserver
+from service.observer import EngineObserver
 from textgen.errors import TextgenError
 
 if TYPE_CHECKING:
@@ -42,6 +42,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _SMALL = 16  # observations per call below which the pure-Python path is faster
+# How an engine sequence (a generation or a score pass) can end: the finish reasons, then the errors.
+ENDED_REASONS = ("length", "stop", "cancelled", "slow_reader", "deadline", "error")
 
 
 class _TokenHistogram:
@@ -108,6 +110,7 @@ class _Families:
     batch_size: Histogram
     prompt_tokens: Counter
     generated_tokens: Counter
+    sequences_ended: Counter
     inter_token: _TokenHistogram
 
 
@@ -125,6 +128,7 @@ class ModelMetrics(EngineObserver):
         self._generated = f.generated_tokens.labels(model)
         self._steps = {phase: f.step_seconds.labels(model, phase) for phase in ("prompt", "decode")}
         self._batches = {phase: f.batch_size.labels(model, phase) for phase in ("prompt", "decode")}
+        self._ended = {reason: f.sequences_ended.labels(model, reason) for reason in ENDED_REASONS}
 
     def step(self, phase: str, batch: int, tokens: int, seconds: float) -> None:
         self._steps[phase].observe(seconds)
@@ -145,6 +149,12 @@ class ModelMetrics(EngineObserver):
     def finished(self, seq: EngineSequence) -> None:
         if not seq.admitted:  # ended while waiting for a slot: its wait is counted here, once
             self._queue.observe(time.monotonic() - seq.arrived)
+        result = seq.result
+        if result is not None:
+            reason = result.finish.value if result.finish is not None else "error"
+            if result.error is not None and result.error.reason in ENDED_REASONS:
+                reason = result.error.reason
+            self._ended[reason].inc()
 
 
 class Call:
@@ -186,7 +196,12 @@ class _StateCollector(Collector):
             "textgen_queue_limit", "Waiting requests beyond which new ones are refused", labels=["model"]
         )
         running = GaugeMetricFamily(
-            "textgen_running_sequences", "Sequences in the batch (prompt or decode)", labels=["model"]
+            "textgen_running_sequences", "Sequences holding a batch slot (prompt or decode)", labels=["model"]
+        )
+        paused = GaugeMetricFamily(
+            "textgen_paused_sequences",
+            "Streams out of the batch because their client is not reading (they hold no batch slot)",
+            labels=["model"],
         )
         info = GaugeMetricFamily(
             "textgen_model_info",
@@ -197,9 +212,10 @@ class _StateCollector(Collector):
             queue.add_metric([name], engine.queued)
             limit.add_metric([name], engine.max_queue)
             running.add_metric([name], engine.running)
+            paused.add_metric([name], engine.paused)
             model = engine.model
             info.add_metric([name, model.version, model.bundle.manifest.graph.precision, model.bundle.providers[0]], 1)
-        yield from (queue, limit, running, info)
+        yield from (queue, limit, running, paused, info)
         store = app.sessions
         yield GaugeMetricFamily("textgen_sessions_active", "Open sessions", value=len(store))
         yield GaugeMetricFamily(
@@ -271,6 +287,13 @@ class Metrics:
                 "textgen_prompt_tokens", "Prompt tokens run (scoring included)", ["model"], registry=r
             ),
             generated_tokens=Counter("textgen_generated_tokens", "Tokens sampled", ["model"], registry=r),
+            sequences_ended=Counter(
+                "textgen_sequences_ended",
+                "Generations and score passes ended in the engine, by reason: length, stop, cancelled, slow_reader "
+                "(its client stopped reading for longer than the pause limit), deadline, error",
+                ["model", "reason"],
+                registry=r,
+            ),
             inter_token=_TokenHistogram(
                 "textgen_inter_token_latency_seconds",
                 "Time between a sequence's successive sampled tokens",

@@ -81,17 +81,31 @@ class ServedModel:
         self.run(start, np.array([1]), self.zero_state(1))
         self.run(start[:, :1], np.array([0]), self.zero_state(1))
 
-    def encode_prompt(self, text: str, field_name: str) -> np.ndarray:
-        """Token ids of a prompt, applying the model's unknown-token policy."""
-        ids = self.tokenizer.encode(text)
-        if self.unknown_policy == "reject" and ids.size and (ids == self.tokenizer.unk_id).any():
-            offset, piece = self.tokenizer.unknown_pieces(text)[0]
-            what = "character" if self.tokenizer.level.value == "char" else "word"
-            shown = f"{piece!r} (U+{ord(piece):04X})" if len(piece) == 1 else repr(piece)
+    def encode_prompt(self, text: str, field_name: str, max_tokens: int) -> np.ndarray:
+        """Token ids of a prompt, at most ``max_tokens`` of them, applying the model's unknown-token policy. The
+        length is checked before any encoding where it can be: a token is never shorter than one character, and
+        a character model's tokens are exactly its characters. Seconds of CPU for a huge text: call it off the
+        event loop."""
+        level = self.tokenizer.level.value
+        if len(text) > max_tokens and level == "char":
             raise InvalidInputError(
-                f"{field_name}: {what} {shown} at offset {offset} is not in the vocabulary of model {self.name}"
+                f"{field_name}: {len(text)} characters exceed this server's maximum of {max_tokens} tokens "
+                "(one per character for this model)"
             )
-        return ids
+        parts = self.tokenizer.encode_parts(text)
+        count = sum(p.size for p in parts)
+        if count > max_tokens:
+            raise InvalidInputError(f"{field_name}: {count} tokens exceed this server's maximum of {max_tokens}")
+        if self.unknown_policy == "reject":
+            unknown = self.tokenizer.first_unknown(text, parts)
+            if unknown is not None:
+                offset, piece = unknown
+                what = "character" if level == "char" else "word"
+                shown = f"{piece!r} (U+{ord(piece):04X})" if len(piece) == 1 else repr(piece)
+                raise InvalidInputError(
+                    f"{field_name}: {what} {shown} at offset {offset} is not in the vocabulary of model {self.name}"
+                )
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def session_options(settings: ServerSettings) -> ort.SessionOptions:

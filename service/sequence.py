@@ -31,8 +31,8 @@ class Phase(enum.Enum):
 class Finish(enum.Enum):
     LENGTH = "length"
     STOP = "stop"
-    END_OF_TEXT = "end_of_text"
     CANCELLED = "cancelled"
+    SLOW_READER = "slow_reader"  # its client stopped reading for longer than the pause limit
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,9 @@ class Sequence:
         self.next_token = -1  # sampled, to be fed at the next decode step
         self.previous = int(self.feed[-1]) if self.feed.size else None  # for word-level spacing
         self.generated = 0
-        self.paused = False
+        self.paused = False  # out of the decode batch: its stream buffer is full, or it waits for a slot again
+        self.paused_since = 0.0  # when its buffer last filled up (0: not full); the pause limit counts from here
+        self.holds_slot = False  # counts against max_batch_size (admitted and not paused)
         self.cancel_reason: TextgenError | None = None
         self.own_state = self.context.state  # the state while not part of the decode batch
         self.stop_matcher = StopMatcher(self.stops)

@@ -16,8 +16,15 @@ import grpc
 from service.app import App, GenerateSpec, Outcome
 from service.metrics import Call
 from service.models import ServedModel
+from service.principals import principal_of
 from service.sequence import Delta, Finish, Result
-from textgen.errors import CancelledError, DeadlineExceededError, TextgenError, UnavailableError
+from textgen.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    OverloadedError,
+    TextgenError,
+    UnavailableError,
+)
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as pb_grpc
 
@@ -26,8 +33,8 @@ log = logging.getLogger("textgen.grpc")
 _FINISH = {
     Finish.LENGTH: pb.FINISH_REASON_LENGTH,
     Finish.STOP: pb.FINISH_REASON_STOP,
-    Finish.END_OF_TEXT: pb.FINISH_REASON_END_OF_TEXT,
     Finish.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    Finish.SLOW_READER: pb.FINISH_REASON_SLOW_READER,
 }
 
 T = TypeVar("T")
@@ -77,7 +84,7 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     return stream
 
 
-def _spec(r: pb.GenerateRequest) -> GenerateSpec:
+def _spec(r: pb.GenerateRequest, principal: str = "") -> GenerateSpec:
     return GenerateSpec(
         model=r.model,
         prompt=r.prompt,
@@ -92,6 +99,7 @@ def _spec(r: pb.GenerateRequest) -> GenerateSpec:
         session_id=r.session_id,
         snapshot=r.snapshot,
         return_snapshot=r.return_snapshot,
+        principal=principal,
     )
 
 
@@ -150,12 +158,16 @@ _UNKNOWN_POLICY = {
 class Servicer(pb_grpc.TextGenerationServicer):
     def __init__(self, app: App) -> None:
         self.app = app
+        self.in_progress = 0  # calls inside a handler, bounded by max_concurrent_rpcs
 
     @contextlib.asynccontextmanager
     async def _ending(self, name: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         call = self._begin(name, request)
+        counted = False
         try:
             self._check_open()
+            counted = True
+            self.in_progress += 1
             yield
         except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: a stream closed while a message was sent
             call.end(_interrupted(context))
@@ -163,6 +175,8 @@ class Servicer(pb_grpc.TextGenerationServicer):
         except Exception as exc:
             call.end(exc)
             await _abort(name, context, exc)
+        finally:
+            self.in_progress -= counted
         call.end()
 
     def _begin(self, method: str, request: Any) -> Call:
@@ -175,16 +189,21 @@ class Servicer(pb_grpc.TextGenerationServicer):
     def _check_open(self) -> None:
         if self.app.draining:
             raise UnavailableError("server is shutting down; retry on another replica")
+        limit = self.app.settings.max_concurrent_rpcs
+        if self.in_progress >= limit:
+            raise OverloadedError(f"server busy: {self.in_progress} calls in progress (limit {limit}); retry later")
 
     async def _run(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        """Yield (deltas, outcome-or-None) for a generate call, settling it however the call ends."""
-        gen = self.app.start_generation(_spec(request), asyncio.get_running_loop(), context.time_remaining())
+        """Yield (generation, deltas, outcome-or-None) for a generate call. The caller commits the outcome once
+        its final message is delivered; however the call ends, the generation is settled here."""
+        gen = await self.app.start_generation(
+            _spec(request, principal_of(context)), asyncio.get_running_loop(), context.time_remaining()
+        )
         try:
             async for deltas, result in self.app.follow(gen):
-                outcome = self.app.end_generation(gen) if result is not None else None
                 if result is not None and result.error is not None:
                     raise result.error
-                yield gen.model, deltas, outcome
+                yield gen, deltas, self.app.outcome(gen) if result is not None else None
         finally:
             self.app.end_generation(gen)
 
@@ -192,25 +211,33 @@ class Servicer(pb_grpc.TextGenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         parts: list[str] = []
         logprobs: list[pb.TokenLogprob] = []
-        async for model, deltas, outcome in self._run(request, context):
+        async for gen, deltas, outcome in self._run(request, context):
             parts.extend(d.text for d in deltas)
             if request.logprobs:
                 logprobs.extend(_logprobs(deltas))
             if outcome is not None:
-                return pb.GenerateResponse(text="".join(parts), logprobs=logprobs, complete=_completion(model, outcome))
+                reply = pb.GenerateResponse(
+                    text="".join(parts), logprobs=logprobs, complete=_completion(gen.model, outcome)
+                )
+                # No await between here and the return: a cancel can no longer reach this call, and the reply is
+                # the transport's one final write.
+                self.app.commit(gen)
+                return reply
         raise AssertionError("generation ended without a result")
 
     @_rpc
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async for model, deltas, outcome in self._run(request, context):
+        async for gen, deltas, outcome in self._run(request, context):
             msg = pb.GenerateStreamResponse(text="".join(d.text for d in deltas))
             if request.logprobs:
                 msg.logprobs.extend(_logprobs(deltas))
             if outcome is not None:
-                msg.complete.CopyFrom(_completion(model, outcome))
+                msg.complete.CopyFrom(_completion(gen.model, outcome))
             yield msg
+            if outcome is not None:
+                self.app.commit(gen)  # resumed only once the transport took the final message
 
     @_rpc
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
@@ -254,16 +281,16 @@ class Servicer(pb_grpc.TextGenerationServicer):
     @_rpc
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> Any:
         seed = request.seed if request.HasField("seed") else None
-        return self._session_info(self.app.create_session(request.model, request.snapshot, seed))
+        return self._session_info(self.app.create_session(request.model, request.snapshot, seed, principal_of(context)))
 
     @_rpc
     async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext) -> Any:
         seed = request.seed if request.HasField("seed") else None
-        return self._session_info(self.app.fork_session(request.session_id, seed))
+        return self._session_info(self.app.fork_session(request.session_id, seed, principal_of(context)))
 
     @_rpc
     async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext) -> Any:
-        self.app.close_session(request.session_id)
+        self.app.close_session(request.session_id, principal_of(context))
         return pb.CloseSessionResponse()
 
 

@@ -174,17 +174,33 @@ class TextTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids (int64) of ``text``; unknown tokens become ``<unk>``."""
-        if len(text) <= _ENCODE_CHUNK_CHARS:
-            return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-        encodings = self._hf.encode_batch_fast(list(_chunks(text)), add_special_tokens=False)
-        return np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in encodings])
+        parts = self.encode_parts(text)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def unknown_pieces(self, text: str) -> list[tuple[int, str]]:
-        """``(character offset, text)`` of every piece of ``text`` that maps to ``<unk>``."""
-        enc = self._hf.encode(text, add_special_tokens=False)
-        return [
-            (start, text[start:end]) for i, (start, end) in zip(enc.ids, enc.offsets, strict=True) if i == self.unk_id
-        ]
+    def encode_parts(self, text: str) -> list[np.ndarray]:
+        """``encode``'s ids, one array per piece of ``_chunks(text)`` (a single piece for short text), so that
+        ``first_unknown`` can find a token's text again by re-reading one piece instead of the whole text."""
+        if len(text) <= _ENCODE_CHUNK_CHARS:
+            return [np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)]
+        encodings = self._hf.encode_batch_fast(_chunks(text), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+
+    def first_unknown(self, text: str, parts: list[np.ndarray]) -> tuple[int, str] | None:
+        """``(character offset, text)`` of the first token of ``text`` (encoded as ``parts``) that maps to
+        ``<unk>``, or None. Found from the ids; at most one piece of the text is encoded again, for its offsets,
+        so a huge text with an unknown character at its end costs no second full encoding."""
+        skipped_chars = 0
+        pieces = _chunks(text) if len(parts) > 1 else [text]
+        for piece, ids in zip(pieces, parts, strict=True):
+            hits = np.flatnonzero(ids == self.unk_id)
+            if hits.size:
+                index = int(hits[0])
+                if self.level is Level.CHAR and ids.size == len(piece):  # one token per code point
+                    return skipped_chars + index, piece[index]
+                start, end = self._hf.encode(piece, add_special_tokens=False).offsets[index]
+                return skipped_chars + start, piece[start:end]
+            skipped_chars += len(piece)
+        return None
 
     def decode(self, ids: Iterable[int], after: int | None = None) -> str:
         """Text of ``ids``. ``after`` is the token that precedes them (None: start of text), so that
