@@ -136,6 +136,26 @@ def test_ci_override_stays_on_loopback(ci_models: Path) -> None:
     assert all(s["network_mode"] == "host" for s in everything.values())
 
 
+@pytest.mark.parametrize("files", [[BASE], [BASE, CPU], [BASE, CI]], ids=["base", "cpu", "ci"])
+def test_snapshot_keyring_is_a_compose_secret(ci_models: Path, files: list[str]) -> None:
+    """The server reads its snapshot keyring from a secret kept outside the image, the volumes and git, so snapshots
+    survive a redeploy; CI uses the published test key, which must be a keyring the server accepts."""
+    from service.keyring import read_keyring_file
+
+    config = _render(ci_models, files)
+    textgen = config["services"]["textgen"]
+    (secret,) = textgen["secrets"]
+    assert textgen["environment"]["TEXTGEN_SNAPSHOT_KEY_FILE"] == secret["target"] == "/run/secrets/snapshot-keys"
+    source = Path(config["secrets"][secret["source"]]["file"])
+    if files[-1] == CI:
+        assert source == DEPLOY / "secrets" / "ci-snapshot-keys"
+        assert read_keyring_file(source).active.id == "ci-insecure"
+    else:
+        assert source == DEPLOY / "secrets" / "snapshot-keys"
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(source)], cwd=ROOT, timeout=30)
+        assert ignored.returncode == 0, "a deployment's keyring must never be committed"
+
+
 @pytest.mark.parametrize("files", [[BASE], [BASE, CI]], ids=["base", "ci"])
 def test_mounted_prometheus_config_passes_promtool(ci_models: Path, files: list[str]) -> None:
     promtool = _tool("promtool", "apt-get install prometheus; scripts/install-system-deps.sh does it")
