@@ -4,28 +4,56 @@ fp32 graph on held-out text of the model's own data."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import onnxruntime.quantization
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from exporter.verify import run_graph
 from textgen.tokenizer import Level
+
+_QUANTIZATION_PACKAGE = Path(onnxruntime.quantization.__file__).parent
+
+
+class _QuantizationAdvice(logging.Filter):
+    """Drops ONNX Runtime quantization's records below ERROR. It logs through the root logger itself
+    (``logging.warning(...)``), so no logger of its own can be quieted; the records are told apart by the file
+    that made them, and everyone else's root-logger records pass untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not Path(record.pathname).is_relative_to(_QUANTIZATION_PACKAGE)
+
+
+@contextlib.contextmanager
+def _quiet_quantization_advice() -> Iterator[None]:
+    """While quantizing: no quantization advice below ERROR (e.g. to run shape-inference pre-processing first,
+    which changes nothing for these graphs: quantize_dynamic finds the LSTM and MatMul weights without it).
+    Scoped to this call: the root logger's level is never touched, and the filter and level are undone after."""
+    root, named = logging.getLogger(), logging.getLogger(onnxruntime.quantization.__name__)
+    quiet, level = _QuantizationAdvice(), named.level
+    root.addFilter(quiet)
+    named.setLevel(logging.ERROR)  # the modules that do log through named loggers (onnxruntime.quantization.*)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+        named.setLevel(level)
 
 
 def quantize_int8(onnx_bytes: bytes) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(onnx_bytes)
-        # Shape-inference pre-processing (which ORT's logger suggests) changes nothing for these graphs:
-        # quantize_dynamic already finds the LSTM and MatMul weights.
-        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        with _quiet_quantization_advice():
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
         return dst.read_bytes()
 
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from exporter.verify import run_graph
 from service.bundle import load_bundle
 from textgen.errors import BundleError
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.model import CELLS
+from training.model import CELLS, ModelConfig, RNNLanguageModel
 from training.run import run_train
 
 
@@ -166,3 +168,49 @@ def test_loader_missing_directory(tmp_path: Path) -> None:
 def test_copied_bundle_still_loads(bundle_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(bundle_dir, tmp_path / "elsewhere" / "1")
     assert load_bundle(tmp_path / "elsewhere" / "1").manifest.name == "b"
+
+
+def test_quantize_leaves_the_root_logger_as_it_was(caplog: pytest.LogCaptureFixture) -> None:
+    from exporter.graph import export_onnx
+    from exporter.quantize import _QUANTIZATION_PACKAGE, quantize_int8
+
+    model = RNNLanguageModel(ModelConfig(vocab_size=20, hidden_size=16, embedding_size=8)).eval()
+    root, named = logging.getLogger(), logging.getLogger("onnxruntime.quantization")
+    with caplog.at_level(logging.INFO):  # the root logger at INFO, as an application might have it
+        filters, named_level = list(root.filters), named.level
+        quantized = quantize_int8(export_onnx(model))
+        assert root.level == logging.INFO and root.filters == filters and named.level == named_level
+        logging.getLogger("textgen.after").info("still heard")
+    assert len(quantized) > 0
+    advice = [r for r in caplog.records if Path(r.pathname).is_relative_to(_QUANTIZATION_PACKAGE)]
+    assert advice == []  # its "run pre-processing first" warning and INFO chatter were held back meanwhile
+    assert [r.getMessage() for r in caplog.records if r.name == "textgen.after"] == ["still heard"]
+
+
+def test_bundle_files_and_directories_are_fsynced_around_the_rename(
+    tmp_path: Path, trained_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:  # the real call, recorded with the path it syncs
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        events.append(("rename", str(src)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    out = tmp_path / "repo" / "m" / "1"
+    export_bundle(trained_run / "best.pt", out)
+    monkeypatch.undo()
+    (staging,) = [path for kind, path in events if kind == "rename"]
+    done = events.index(("rename", staging))
+    synced_before = {path for kind, path in events[:done] if kind == "fsync"}
+    assert {f"{staging}/{name}" for name in ("model.onnx", "tokenizer.json", "manifest.json")} <= synced_before
+    assert events[done - 1] == ("fsync", staging)  # the staging directory's entries, last before the rename
+    assert events[done + 1] == ("fsync", str(out.parent))  # the rename itself, right after
+    assert str(tmp_path / "repo") in synced_before  # the model directory the export created
+    assert load_bundle(out).manifest.name == "m"
