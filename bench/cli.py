@@ -1,5 +1,5 @@
-"""``textgen bench serve|train|quality|curves``: the benchmark programs. Each writes JSON (and plots) into ``--out`` and
-prints its figures; docs/benchmarks.md states them with the command that made them."""
+"""``textgen bench serve|train|quality|curves|soak``: the benchmark programs. Each writes JSON (and plots) into
+``--out`` and prints its figures; docs/benchmarks.md states them with the command that made them."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _command(
 
 
 def register(commands: Any) -> None:
-    p = commands.add_parser("bench", help="benchmarks: serving, training speed, bundle quality")
+    p = commands.add_parser("bench", help="benchmarks: serving, training speed, bundle quality, soak")
     sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
 
     serve = _command(
@@ -107,6 +107,29 @@ def register(commands: Any) -> None:
     curves.add_argument("--labels", type=_names, default=None, help="one name per run (default: directory names)")
     curves.add_argument("--title", default="training curves")
 
+    soak = _command(
+        sub,
+        "soak",
+        _soak,
+        "bench-results/soak",
+        help="a real server under minutes of mixed load: leaks, INTERNAL answers, gauges back to zero",
+        description="Starts `textgen serve` on CHECKPOINT's fp32 bundle (or --bundle) and drives it for --minutes "
+        "with --clients threads of mixed work: streams, unary calls, scores, sessions and forks, snapshots, client "
+        "cancels, short deadlines and bad requests. Samples the server's RSS, threads, open fds, CPU time and "
+        "/metrics gauges; at the end checks that running/queued sequences and sessions return to zero. Writes "
+        "soak.json and soak.png into --out; exits 1 on any INTERNAL answer, gauges not back to zero, or a dead server.",
+    )
+    soak.add_argument("checkpoint", type=Path, nargs="?", help="exported to an fp32 bundle (or give --bundle)")
+    soak.add_argument("--bundle", type=Path, default=None, help="serve this bundle directory instead")
+    soak.add_argument("--minutes", type=float, default=10.0, help="load duration (default: %(default)s)")
+    soak.add_argument("--seconds", type=float, default=None, help="load duration in seconds; overrides --minutes")
+    soak.add_argument("--clients", type=int, default=8, help="client threads (default: %(default)s)")
+    soak.add_argument("--threads", type=int, default=0, help="the server's ONNX Runtime threads (0: one per core)")
+    soak.add_argument(
+        "--session-ttl", type=float, default=60.0, help="the server's --session-ttl-seconds (default: %(default)s)"
+    )
+    soak.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples (default: 5)")
+
 
 def _serve(args: argparse.Namespace) -> int:
     from bench.serve import run_serve_bench
@@ -154,6 +177,28 @@ def _curves(args: argparse.Namespace) -> int:
         runs[label] = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     print(plot_curves(runs, args.out, args.title))
     return 0
+
+
+def _soak(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from bench.soak import run_soak
+    from textgen.errors import ConfigError
+
+    if (args.checkpoint is None) == (args.bundle is None):
+        raise ConfigError("give a CHECKPOINT or --bundle DIR (one of them)")
+    if args.clients < 1:
+        raise ConfigError(f"--clients: expected at least 1, got {args.clients}")
+    seconds = args.seconds if args.seconds is not None else args.minutes * 60
+    report = run_soak(
+        args.bundle, args.checkpoint, args.out, seconds, args.clients, args.threads, args.session_ttl, args.sample_every
+    )
+    summary = {k: report[k] for k in ("load_seconds", "rss_mib", "threads", "fds", "tokens_generated", "internal")}
+    print(json.dumps({**summary, "gauges_end": report["gauges_end"], "requests": report["requests"]}))
+    for failure in report["failures"]:
+        print(f"textgen bench soak: FAILED: {failure}", file=sys.stderr)
+    return 0 if report["passed"] else 1
 
 
 def _quality(args: argparse.Namespace) -> int:

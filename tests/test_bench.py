@@ -64,3 +64,29 @@ def test_bench_curves_plots_runs_and_names_a_directory_that_is_not_a_run(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path}: no metrics.jsonl" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_bench_soak_mixed_load_ends_clean(trained_run: Path, tmp_path: Path) -> None:
+    """A few seconds of the soak on the tiny model: every kind of call is made, none ends in INTERNAL, bad requests
+    get their documented status, and the slot, queue and session gauges come back to zero (behaviour, not rates)."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "soak"
+    argv = ["bench", "soak", str(trained_run / "best.pt"), "--seconds", "3", "--clients", "2", "--sample-every",
+            "0.5", "--session-ttl", "2", "--threads", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "soak.json").read_text())
+    assert report["passed"] and report["failures"] == []
+    assert report["internal"] == 0 and report["server_internal"] == 0 and report["server_errors"] == []
+    for method in ("Generate", "GenerateStream", "Score", "CreateSession", "ForkSession", "CloseSession"):
+        assert report["requests"][method].get("OK", 0) > 0, method
+    assert report["requests"]["GenerateStream"].get("CANCELLED", 0) > 0  # cancelled after a few of 4,000 tokens
+    assert len(report["bad_requests"]) == 13 and report["bad_requests_unexpected"] == {}
+    assert report["server_requests"]["Generate"].get("INVALID_ARGUMENT", 0) > 0  # the server counted them too
+    assert report["tokens_generated"] > 0
+    assert all(report["gauges_end"][k] == 0 for k in ("running", "queue", "sessions"))
+    assert report["gauges_end"]["paused"] in (0, None)  # None: a server without the gauge
+    assert report["drain_seconds"] is not None and report["sessions"]["zero_after_seconds"] is not None
+    for key in ("rss_mib", "threads", "fds"):
+        assert {"start", "end", "max"} <= set(report[key]) and report[key]["max"] >= report[key]["start"] > 0
+    assert "slope_mib_per_min_second_half" in report["rss_mib"]
+    assert len(report["samples"]) >= 3 and (out / "soak.png").stat().st_size > 0
