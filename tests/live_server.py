@@ -1,6 +1,10 @@
 """A real textgen server for tests: ``start_server`` runs one on an ephemeral loopback port
 (``BackgroundServer``) serving a bundle; ``Live`` holds a channel and stubs to it; ``Gate`` holds the engine
-inside its graph call so a test can be sure requests overlap, instead of relying on timing."""
+inside its graph call so a test can be sure requests overlap, instead of relying on timing.
+
+No test here may pass or fail by the machine's speed: a test waits for observable state (``wait_until``, a
+``Gate``, a ``Recorder``), never for a fixed time, and a generation that must still be running at some point
+asks for ``ENDLESS`` tokens rather than for "more than this machine makes in a second"."""
 
 from __future__ import annotations
 
@@ -23,18 +27,33 @@ from textgen.v1 import textgen_pb2_grpc as pb_grpc
 
 MODEL = "tiny"  # the served bundle is <tmp>/tiny/1
 CALL_TIMEOUT = 30.0  # every call gets a deadline, so a bug shows up as a failure, not a hung test run
+# max_tokens of a generation that cannot end by length during a test on any machine: the proto's largest value
+# (uint32), over an hour of decoding even at a microsecond a token. A server must allow it (max_tokens_limit).
+ENDLESS = 2**32 - 1
+# Client channel options that keep a stream's HTTP/2 flow-control window at about 1 KB. By default gRPC's BDP
+# probing grows the window to megabytes, so a client that stops reading goes on receiving: measured, an unread
+# stream of this tiny model got 57,846 tokens in 30 s and never paused. With these (grpcio honours both; measured:
+# paused after 137-230 tokens with an 8-token stream buffer, 1,168-1,259 with 1,024) the server's writes block after
+# about 1 KB, so an unread stream stops within window bytes plus its stream buffer of tokens (a token is at least
+# one byte), whatever the speed, and a reader that resumes is at most that far behind.
+SMALL_WINDOW = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024))
 
 
 class Recorder(EngineObserver):
-    """Remembers the decode batch sizes and the sequences that finished (called on the engine thread)."""
+    """Remembers the decode batch sizes, the sequences admitted to the batch (``started``, in order) and those that
+    finished (called on the engine thread)."""
 
     def __init__(self) -> None:
         self.decode_batches: list[int] = []
+        self.started: list[Sequence] = []
         self.done: list[Sequence] = []
 
     def step(self, phase: str, batch: int, tokens: int, seconds: float) -> None:
         if phase == "decode":
             self.decode_batches.append(batch)
+
+    def admitted(self, seq: Sequence) -> None:
+        self.started.append(seq)
 
     def finished(self, seq: Sequence) -> None:
         self.done.append(seq)
@@ -73,6 +92,9 @@ class Live:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         self.stub = pb_grpc.TextGenerationStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        # its own connection: flow-control windows are negotiated per connection
+        self.small_window_channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=SMALL_WINDOW)
+        self._small_window_stub = pb_grpc.TextGenerationStub(self.small_window_channel)
 
     @property
     def engine(self) -> Engine:
@@ -89,9 +111,12 @@ class Live:
     def generate(self, prompt: str = "", timeout: float = CALL_TIMEOUT, **fields: Any) -> pb.GenerateResponse:
         return self.stub.Generate(pb.GenerateRequest(prompt=prompt, **fields), timeout=timeout)
 
-    def stream(self, prompt: str = "", timeout: float = CALL_TIMEOUT, **fields: Any) -> Any:
-        """The streaming call (a ``grpc.Call`` and iterator of ``GenerateStreamResponse``), already started."""
-        return self.stub.GenerateStream(pb.GenerateRequest(prompt=prompt, **fields), timeout=timeout)
+    def stream(self, prompt: str = "", timeout: float = CALL_TIMEOUT, small_window: bool = False, **fields: Any) -> Any:
+        """The streaming call (a ``grpc.Call`` and iterator of ``GenerateStreamResponse``), already started.
+        ``small_window``: on a connection whose flow-control window cannot grow (``SMALL_WINDOW``), for a test
+        whose stream must block its server when its reader stops, or must stay close behind its reader."""
+        stub = self._small_window_stub if small_window else self.stub
+        return stub.GenerateStream(pb.GenerateRequest(prompt=prompt, **fields), timeout=timeout)
 
     def on_loop(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` run on the server's event loop thread (the app's sessions are not thread-safe)."""
@@ -106,6 +131,7 @@ class Live:
 
     def close(self) -> None:
         self.channel.close()
+        self.small_window_channel.close()
         self.server.stop()
 
 
@@ -117,7 +143,7 @@ def start_server(bundle: Path, **overrides: Any) -> Live:
             "port": 0,
             "providers": ["CPUExecutionProvider"],
             "intra_op_threads": 1,
-            "snapshot_key": "test-key",
+            "snapshot_key": "74657374" * 8,  # 32 bytes, hex
             "log_level": "warning",
             **overrides,
         }

@@ -156,7 +156,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path: Path, corpus_file: Path) 
             "--out",
             str(out),
             "--max-steps",
-            "100000",
+            "1000000000",  # a run that cannot end by itself before the signal, on any machine
             "--log-every",
             "1",
             *TINY,
@@ -166,8 +166,11 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path: Path, corpus_file: Path) 
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        # The first logged step proves the loop (and its signal handler) is running: signal then, not after a guess.
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "training never logged a step"
             time.sleep(0.1)
         os.kill(proc.pid, signal.SIGINT)
         stdout, _ = proc.communicate(timeout=60)

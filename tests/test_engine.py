@@ -1,4 +1,5 @@
-"""The engine on its own (no transport): how it hands tokens to streams."""
+"""The engine on its own (no transport): how it hands tokens to streams, and what bounds a stream nobody reads.
+Readers here are plain callbacks on the engine thread, so every count is exact: nothing depends on timing."""
 
 from __future__ import annotations
 
@@ -10,15 +11,21 @@ import numpy as np
 from service.context import Context
 from service.engine import Engine
 from service.models import ModelRegistry
-from service.sequence import Sequence
+from service.sequence import Finish, Sequence
 from service.settings import load_settings
+
+from live_server import ENDLESS, wait_until
+
+
+def _engine(bundle: Path, **overrides: object) -> Engine:
+    settings = load_settings(bundle=bundle, port=0, providers=["CPUExecutionProvider"], intra_op_threads=1, **overrides)
+    return Engine(next(iter(ModelRegistry.load(settings))), settings)
 
 
 def _deliveries(bundle: Path, streams: int, max_tokens: int) -> list[list[int]]:
     """Run ``streams`` sequences admitted in the same step; for each, the token count of every hand-over."""
-    settings = load_settings(bundle=bundle, port=0, providers=["CPUExecutionProvider"], intra_op_threads=1)
-    model = next(iter(ModelRegistry.load(settings)))
-    engine = Engine(model, settings)
+    engine = _engine(bundle)
+    model = engine.model
     done = threading.Semaphore(0)
     sizes: list[list[int]] = []
     for i in range(streams):
@@ -57,3 +64,40 @@ def test_under_load_streams_send_their_first_token_at_once_then_one_message_per_
         assert sum(seen) == 40  # nothing lost, nothing repeated
         # the first token goes out alone (time to first token does not wait for the interval), then every 6th
         assert seen == [1, 6, 6, 6, 6, 6, 6, 3]
+
+
+def test_an_unread_stream_stops_at_its_buffer_resumes_when_read_and_is_cancelled_at_stop(
+    served_bundle: Path,
+) -> None:
+    # What bounds a stream whose reader takes nothing is its buffer, a count of tokens: it stops after exactly
+    # stream_buffer_tokens, however fast the machine, and goes on by as many when read. ``stop`` (what the server
+    # does when its grace period is over) then ends it as CANCELLED with everything it made.
+    engine = _engine(served_bundle, stream_buffer_tokens=8)
+    model = engine.model
+    feed = np.array([model.tokenizer.start_id], np.int64)
+    unread = Sequence(context=Context.fresh(model, seed=5), feed=feed, max_tokens=ENDLESS, on_ready=lambda: None)
+    engine.submit(unread)
+    engine.start()
+    try:
+        wait_until(lambda: unread.paused, "the unread stream paused")
+        assert unread.generated == 8
+        first, _ = unread.take()  # the reader takes it all: room for 8 more
+        engine.wake()
+        wait_until(lambda: unread.generated == 16 and unread.paused, "paused again after 8 more")
+    finally:
+        engine.stop()
+    rest, result = unread.take()
+    assert result is not None and result.finish is Finish.CANCELLED and result.generated_tokens == 16
+    text = "".join(d.text for d in first + rest)
+
+    # the pauses changed nothing: the same 16 tokens as a stream read as it comes
+    engine = _engine(served_bundle)
+    read = Sequence(context=Context.fresh(model, seed=5), feed=feed, max_tokens=16, on_ready=lambda: None)
+    engine.submit(read)
+    engine.start()
+    try:
+        wait_until(lambda: read.result is not None, "the read stream finished")
+    finally:
+        engine.stop()
+    deltas, _ = read.take()
+    assert text == "".join(d.text for d in deltas)

@@ -34,6 +34,7 @@ PROMETHEUS_DIR = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "textgen.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 RATE_INTERVAL = "10s"  # what Grafana's $__rate_interval is with the test's 1 s scrape interval (at least 4 scrapes)
+QUERY_TIMEOUT = 120.0  # seconds the live test may wait for Prometheus and for every query's data (a loaded machine)
 
 needs_promtool = pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool not installed (scripts/install-system-deps.sh installs it)"
@@ -174,9 +175,10 @@ class Prometheus:
 
 class Load:
     """A bounded mixed load on threads: streams, unary calls, scoring, sessions, cancels and bad requests (so the
-    error panels have data). Stops by itself after ``limit`` seconds at the latest."""
+    error panels have data). Runs until ``stop``, and stops by itself after ``limit`` seconds at the latest, a bound
+    well past the test's own waits (``QUERY_TIMEOUT``), so data keeps coming for as long as the test waits for it."""
 
-    def __init__(self, live: Live, workers: int = 4, limit: float = 90.0) -> None:
+    def __init__(self, live: Live, workers: int = 4, limit: float = 300.0) -> None:
         self.live = live
         self.stop_at = time.monotonic() + limit
         self._stop = threading.Event()
@@ -205,9 +207,17 @@ class Load:
                     stub.Score(pb.ScoreRequest(text="a stitch in time saves nine"), timeout=CALL_TIMEOUT)
                 elif kind == 4:
                     session = stub.CreateSession(pb.CreateSessionRequest(seed=i), timeout=CALL_TIMEOUT)
-                    live.generate("def ", max_tokens=10, session_id=session.session_id)
-                    if i % 2:
-                        stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id), timeout=CALL_TIMEOUT)
+                    try:
+                        live.generate("def ", max_tokens=10, session_id=session.session_id)
+                        if i % 2:
+                            stub.CloseSession(
+                                pb.CloseSessionRequest(session_id=session.session_id), timeout=CALL_TIMEOUT
+                            )
+                    except grpc.RpcError as exc:
+                        # the table holds 8: a worker held up long enough finds its new session evicted by the
+                        # others' (a documented outcome, not an error), however unlikely on an idle machine
+                        if exc.code() != grpc.StatusCode.NOT_FOUND:
+                            raise
                 else:
                     list(live.stream("a ", max_tokens=60, seed=i))
             except grpc.RpcError as exc:
@@ -227,7 +237,7 @@ def scraped(serve: Callable[..., Live], tmp_path: Path) -> Iterator[tuple[Promet
     prometheus = Prometheus(tmp_path, f"127.0.0.1:{live.server.server.metrics_port}")
     load = Load(live)
     try:
-        prometheus.wait_ready()
+        prometheus.wait_ready(QUERY_TIMEOUT)
         yield prometheus, load
     finally:
         load.stop()
@@ -238,28 +248,25 @@ def scraped(serve: Callable[..., Live], tmp_path: Path) -> Iterator[tuple[Promet
 @needs_prometheus
 def test_every_dashboard_query_returns_data_from_a_live_server(scraped: tuple[Prometheus, Load]) -> None:
     prometheus, _ = scraped
-    queries = list(panel_queries())
-    deadline = time.monotonic() + 60
-    while True:  # until the target is up and every rate window holds a few scrapes
+    # Polled until each query has data (a rate needs two scrapes in its window, a quantile an observation in it),
+    # with one generous overall bound, instead of sleeping for what a fast machine needs.
+    deadline = time.monotonic() + QUERY_TIMEOUT
+    while True:
         up = prometheus.query('up{job="textgen"}')
         if up and up[0]["value"][1] == "1":
             break
         assert time.monotonic() < deadline, "prometheus never scraped the server"
         time.sleep(0.5)
-    time.sleep(6)
-    missing: dict[str, str] = {}
-    for title, expr in queries:
-        while True:
-            result = prometheus.query(expr)
-            values = [float(r["value"][1]) for r in result]
-            if any(math.isfinite(v) for v in values):
-                missing.pop(expr, None)
-                break
-            missing[expr] = f"{title}: {result}"
-            if time.monotonic() > deadline:
-                break
+    missing = {expr: title for title, expr in panel_queries()}
+    last: dict[str, Any] = {}
+    while missing and time.monotonic() < deadline:
+        for expr in list(missing):
+            last[expr] = prometheus.query(expr)
+            if any(math.isfinite(float(r["value"][1])) for r in last[expr]):
+                del missing[expr]
+        if missing:
             time.sleep(1)
-    assert not missing, "\n".join(missing.values())
+    assert not missing, "\n".join(f"{title}: {last[expr]}" for expr, title in missing.items())
     # and the model variable's own query (label_values) has the served model
     models = prometheus.get("/api/v1/label/model/values", **{"match[]": "textgen_model_info"})["data"]
     assert models == ["tiny"]

@@ -21,6 +21,9 @@ from service.server import BackgroundServer
 from service.settings import load_settings
 from textgen.client import AsyncClient, Client, RemoteError, channel_credentials
 from textgen.v1 import textgen_pb2 as pb
+from textgen.v1 import textgen_pb2_grpc as pb_grpc
+
+from live_server import CALL_TIMEOUT, ENDLESS, SMALL_WINDOW, wait_until
 
 TEXTGEN = [sys.executable, "-m", "textgen.cli"]
 
@@ -180,22 +183,34 @@ def _start_serve(*args: str) -> tuple[subprocess.Popen[str], int]:
     raise AssertionError("textgen serve did not start")
 
 
+def _signalled(proc: subprocess.Popen[str], port: int) -> None:
+    """SIGTERM ``proc``, then wait (no fixed sleep) until it says it drains: health NOT_SERVING."""
+    proc.send_signal(signal.SIGTERM)
+    with Client(f"127.0.0.1:{port}") as client:
+        wait_until(lambda: client.health() == "NOT_SERVING", "the server reports NOT_SERVING after SIGTERM")
+
+
 def test_sigterm_drains_running_streams_then_exits_cleanly(repo: Path) -> None:
-    proc, port = _start_serve("--bundle", str(repo / "tiny" / "1"), "--grace-seconds", "30")
+    proc, port = _start_serve(
+        "--bundle", str(repo / "tiny" / "1"), "--grace-seconds", "60", "--stream-buffer-tokens", "8"
+    )
     try:
-        with Client(f"127.0.0.1:{port}") as client:
-            stream = client.stream("a", max_tokens=4000, seed=1)
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=SMALL_WINDOW) as channel:
+            stream = pb_grpc.TextGenerationStub(channel).GenerateStream(
+                pb.GenerateRequest(prompt="a", max_tokens=4000, seed=1), timeout=CALL_TIMEOUT
+            )
             first = next(stream)
-            proc.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
-            with pytest.raises(RemoteError) as refused:
+            # Unread, the stream can run ahead of its reader by its 8-token buffer and the ~1 KB window only (a
+            # token is at least a byte): it cannot reach 4,000 tokens before the signal, however fast the machine.
+            _signalled(proc, port)
+            with Client(f"127.0.0.1:{port}") as client, pytest.raises(RemoteError) as refused:
                 client.generate("a", max_tokens=5)
             assert refused.value.status == "UNAVAILABLE"
-            rest = list(stream)
+            rest = list(stream)  # reading again lets it finish within the grace period
         assert rest[-1].complete.finish_reason == pb.FINISH_REASON_LENGTH
         assert rest[-1].complete.generated_tokens == 4000
-        assert len(first.text + "".join(m.text for m in rest)) > 0
-        assert proc.wait(timeout=30) == 0
+        assert len(first.text + "".join(m.text for m in rest)) == 4000  # char model: a character a token
+        assert proc.wait(timeout=CALL_TIMEOUT) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -203,22 +218,38 @@ def test_sigterm_drains_running_streams_then_exits_cleanly(repo: Path) -> None:
 
 
 def test_grace_period_over_cancels_what_is_left(repo: Path) -> None:
-    # A reader that stops reading fills its stream buffer; the sequence waits (policy "wait") until the grace
-    # period ends, then it is cancelled and its stream ends with finish reason CANCELLED.
+    # A stream still running when the grace period ends is cancelled: its last message says CANCELLED. It asks for
+    # ENDLESS tokens, so it cannot end by length first on any machine (the 4,000 tokens it used to ask for took
+    # ~1 s on a faster machine, whose client window absorbed them all, so it ended by length before the cut). It
+    # is read from the signal on, on a small-window connection, so its final message is at most ~1 KB behind the
+    # reader when the cut comes; and the cut cannot come before the grace period, which starts after the signal.
+    grace = 1.0
     proc, port = _start_serve(
-        "--bundle", str(repo / "tiny" / "1"), "--grace-seconds", "1", "--stream-buffer-tokens", "8"
+        "--bundle",
+        str(repo / "tiny" / "1"),
+        "--grace-seconds",
+        str(grace),
+        "--max-tokens-limit",
+        str(ENDLESS),
+        "--stream-buffer-tokens",
+        "8",
     )
     try:
-        with Client(f"127.0.0.1:{port}") as client:
-            stream = client.stream("a", max_tokens=4000, seed=1)
-            next(stream)
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)
-            time.sleep(2.0)
-            rest = list(stream)
-        assert rest[-1].complete.finish_reason == pb.FINISH_REASON_CANCELLED
-        assert rest[-1].complete.generated_tokens < 4000
-        assert proc.wait(timeout=30) == 0
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=SMALL_WINDOW) as channel:
+            stream = pb_grpc.TextGenerationStub(channel).GenerateStream(
+                pb.GenerateRequest(prompt="a", max_tokens=ENDLESS, seed=1), timeout=CALL_TIMEOUT
+            )
+            messages = [next(stream)]
+            signalled = time.monotonic()
+            _signalled(proc, port)
+            messages.extend(stream)
+            cut_after = time.monotonic() - signalled
+        last = messages[-1].complete
+        assert all(not m.HasField("complete") for m in messages[:-1])
+        assert last.finish_reason == pb.FINISH_REASON_CANCELLED
+        assert 0 < last.generated_tokens < ENDLESS
+        assert cut_after >= grace
+        assert proc.wait(timeout=CALL_TIMEOUT) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
