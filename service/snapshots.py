@@ -9,16 +9,20 @@ Wire format (version 2; version 1 was a readable HMAC-signed protobuf)::
     4       1     format version (2)
     5       1     key id length n (1..64)
     6       n     key id (ASCII: A-Z a-z 0-9 . _ -)
-    6+n     12    nonce (random)
-    18+n    ...   AES-256-GCM ciphertext of a SessionState protobuf, then the 16-byte tag
+    6+n     16    salt (random)
+    22+n    ...   AES-256-GCM ciphertext of a SessionState protobuf, then the 16-byte tag
 
-The header (bytes 0 to 18+n) is the associated data: the version and key id are authenticated with the payload,
-so neither can be swapped. The AES key is HKDF-SHA256 of the keyring's secret (a configured secret is never used
-as a cipher key directly, and a secret longer than 256 bits is used whole). The creation time is inside the sealed
-payload; a snapshot older than the maximum age, or from further in the future than the clock-skew allowance, is
-refused. After opening, the payload is bound to the model's name, version and tokenizer hash, and every tensor's
-size is checked against the model. Any bytes at all give a ``Context`` or an ``InvalidInputError`` naming
-``snapshot``, never anything else."""
+The header (bytes 0 to 22+n) is the associated data: the version and key id are authenticated with the payload,
+so neither can be swapped. Each snapshot is sealed under its own AES-256 key, HKDF-SHA256 of the keyring's secret
+with the header's random salt (the construction ``age`` uses for its payload key): no key ever seals two
+snapshots, so the GCM nonce can be fixed and a keyring key has no limit on how many snapshots it seals. Plain GCM
+under one key with random 96-bit nonces must stop at 2^32 messages (NIST SP 800-38D), which a deployment sealing
+1,000 snapshots a second reaches in 50 days.
+
+The creation time is inside the sealed payload; a snapshot older than the maximum age, or from further in the
+future than the clock-skew allowance, is refused. After opening, the payload is bound to the model's name,
+version and tokenizer hash, and every tensor's size is checked against the model. Any bytes at all give a
+``Context`` or an ``InvalidInputError`` naming ``snapshot``, never anything else."""
 
 from __future__ import annotations
 
@@ -46,20 +50,22 @@ if TYPE_CHECKING:
 
 MAGIC = b"TGSS"
 FORMAT_VERSION = 2
-NONCE_BYTES = 12
+SALT_BYTES = 16
+_NONCE = bytes(12)  # each derived key seals one snapshot only, so a fixed nonce never repeats under a key
 TAG_BYTES = 16
 DEFAULT_MAX_AGE_SECONDS = 7 * 86400.0
 # Replicas' clocks differ by milliseconds under NTP; a minute covers a replica whose clock drifted without refusing
 # snapshots for ordinary reasons, and is nothing next to the maximum age.
 CLOCK_SKEW_SECONDS = 60.0
 _HKDF_INFO = b"textgen.v1 snapshot AES-256-GCM key"
-_MIN_BYTES = len(MAGIC) + 2 + 1 + NONCE_BYTES + TAG_BYTES
+_MIN_BYTES = len(MAGIC) + 2 + 1 + SALT_BYTES + TAG_BYTES
 _MASK64 = (1 << 64) - 1
 
 
-def cipher_key(secret: bytes) -> bytes:
-    """The AES-256 key for a keyring secret."""
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO).derive(secret)
+def _cipher(secret: bytes, salt: bytes) -> AESGCM:
+    """The AES-256-GCM cipher of one snapshot: its own key, from the keyring secret and the snapshot's salt (a
+    configured secret is never a cipher key itself, and one longer than 256 bits counts whole)."""
+    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=_HKDF_INFO).derive(secret))
 
 
 def _duration(seconds: float) -> str:
@@ -88,7 +94,6 @@ class SnapshotCodec:
         self.max_age_seconds = max_age_seconds
         self.skew_seconds = skew_seconds
         self._clock = clock  # injectable so tests can age a snapshot without waiting
-        self._ciphers = {key.id: AESGCM(cipher_key(key.secret)) for key in self.keyring.keys}
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> SnapshotCodec:
@@ -99,10 +104,10 @@ class SnapshotCodec:
 
     def seal(self, payload: bytes) -> bytes:
         """``payload`` (a serialised ``SessionState``) sealed under the active key."""
-        key_id = self.keyring.active.id.encode("ascii")
-        nonce = os.urandom(NONCE_BYTES)  # random: see the README on how many snapshots one key may seal
-        header = MAGIC + bytes([FORMAT_VERSION, len(key_id)]) + key_id + nonce
-        return header + self._ciphers[self.keyring.active.id].encrypt(nonce, payload, header)
+        key = self.keyring.active
+        salt = os.urandom(SALT_BYTES)
+        header = MAGIC + bytes([FORMAT_VERSION, len(key.id)]) + key.id.encode("ascii") + salt
+        return header + _cipher(key.secret, salt).encrypt(_NONCE, payload, header)
 
     def dump(self, ctx: Context) -> bytes:
         model = ctx.model
@@ -147,21 +152,21 @@ class SnapshotCodec:
             raise InvalidInputError(f"snapshot: truncated ({len(blob)} bytes)")
         id_len = blob[len(MAGIC) + 1]
         id_end = len(MAGIC) + 2 + id_len
-        header_end = id_end + NONCE_BYTES
+        header_end = id_end + SALT_BYTES
         if len(blob) < header_end + TAG_BYTES:
             raise InvalidInputError(f"snapshot: truncated ({len(blob)} bytes)")
         key_id = blob[len(MAGIC) + 2 : id_end].decode("ascii", errors="replace")
         if not valid_key_id(key_id):
             raise InvalidInputError("snapshot: malformed header (the key id is not a key id)")
-        cipher = self._ciphers.get(key_id)
-        if cipher is None:
+        key = self.keyring.find(key_id)
+        if key is None:
             raise InvalidInputError(
                 f"snapshot: sealed with key id {key_id!r}, which this server does not hold: the key was retired, "
                 "or the snapshot comes from another deployment"
             )
         header = blob[:header_end]
         try:
-            payload = cipher.decrypt(blob[id_end:header_end], blob[header_end:], header)
+            payload = _cipher(key.secret, blob[id_end:header_end]).decrypt(_NONCE, blob[header_end:], header)
         except InvalidTag:
             raise InvalidInputError(
                 "snapshot: authentication failed: the snapshot was altered or truncated, or sealed with a different "

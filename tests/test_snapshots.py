@@ -25,7 +25,7 @@ from service.keyring import Keyring, SnapshotKey, fingerprint_id, parse_key, par
 from service.models import ModelRegistry, ServedModel
 from service.server import BackgroundServer
 from service.settings import load_settings
-from service.snapshots import CLOCK_SKEW_SECONDS, FORMAT_VERSION, MAGIC, SnapshotCodec
+from service.snapshots import CLOCK_SKEW_SECONDS, FORMAT_VERSION, MAGIC, SALT_BYTES, SnapshotCodec
 from textgen.errors import ConfigError, InvalidInputError
 from textgen.v1 import textgen_pb2 as pb
 
@@ -104,8 +104,8 @@ def test_the_payload_cannot_be_read(ctx: Context, model: ServedModel) -> None:
     assert model.name.encode() not in blob and model.tokenizer_sha256.encode() not in blob
     # Not even a 6-byte piece of the plaintext shows through (a readable field would).
     pieces = {plaintext[i : i + 6] for i in range(len(plaintext) - 5)}
-    assert not any(blob[i : i + 6] in pieces for i in range(len(MAGIC) + 2 + len(OLD.id) + 12, len(blob) - 5))
-    assert c.dump(ctx) != blob  # a fresh nonce each time: equal states do not give equal snapshots
+    assert not any(blob[i : i + 6] in pieces for i in range(len(MAGIC) + 2 + len(OLD.id) + SALT_BYTES, len(blob) - 5))
+    assert c.dump(ctx) != blob  # a fresh salt (so key) each time: equal states do not give equal snapshots
     assert blob.startswith(MAGIC + bytes([FORMAT_VERSION, len(OLD.id)]) + OLD.id.encode())
 
 
