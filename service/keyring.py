@@ -1,16 +1,17 @@
 """Snapshot keys: reading and validating the keyring that seals and opens state snapshots, and ``textgen keygen``.
 
 A keyring is an ordered list of ``(key id, secret)``: the first key seals new snapshots, every key opens the ones
-sealed under it, so a key is rotated by putting a new one first and keeping the old one until the snapshots it
-sealed have expired. It comes from a file (``snapshot_key_file``: one key a line, ``#`` comments) or from the
-environment (``TEXTGEN_SNAPSHOT_KEY``: one key), never from a command-line value, which any user can read in
-``ps``. A line is ``key-id:key`` or a bare ``key`` (its id is then a fingerprint of the key); the key is hex or
-base64 (standard or URL-safe) and at least 256 bits.
+sealed under it. A key is rotated by adding a new one, moving it first once every replica holds it, and removing
+the old one once the snapshots it sealed have expired (README, Snapshot keys). It comes from a file
+(``snapshot_key_file``: one key a line, ``#`` comments) or from the environment (``TEXTGEN_SNAPSHOT_KEY``: one
+key), never from a command-line value, which any user can read in ``ps``. A line is ``key-id:key`` or a bare
+``key`` (its id is then a fingerprint of the key); the key is hex or base64 (standard or URL-safe) and at least
+256 bits.
 
 The file may be readable by others: container secret mounts present it that way (compose bind-mounts the host
 file with its own mode, Kubernetes secret volumes default to 0644) in a container whose only user is the
-server. It may not be writable by every user, who could then swap in a key of their own. Nothing here imports
-more than the standard library, so ``textgen keygen`` stays instant."""
+server. It may not be writable by every user, who could then swap in a key of their own. Nothing here imports a
+third-party package, so ``textgen keygen`` and ``textgen --help`` stay instant."""
 
 from __future__ import annotations
 
