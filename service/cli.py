@@ -32,12 +32,15 @@ def register(commands: Any) -> None:
 
     p = commands.add_parser(
         "serve",
+        allow_abbrev=False,  # else a removed flag such as --snapshot-key would read as --snapshot-key-file
         help="serve model bundles over gRPC (TextGeneration, health, reflection)",
         description="Serve one bundle (--bundle) or a model repository of <model>/<version>/ bundles "
         "(--model-repository, newest version of each model). Every flag can also be set with the environment "
         "variable named in its help; flags win. SIGTERM or Ctrl-C drains gracefully.",
     )
     for name, info in ServerSettings.model_fields.items():
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("env_only"):
+            continue  # a secret: a flag's value is visible to every user in ps
         default = info.default
         if isinstance(default, list):
             default = ",".join(default)

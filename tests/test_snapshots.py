@@ -310,10 +310,6 @@ def test_textgen_serve_stops_at_start_up_with_one_line(tmp_path: Path, served_bu
     assert time.monotonic() - started < 60
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/cli.py makes a flag of every setting: it must skip those marked env_only (snapshot_key)",
-)
 def test_no_command_line_flag_takes_a_key() -> None:
     """A flag's value is visible to every user in ``ps``: TEXTGEN_SNAPSHOT_KEY is the environment's alone."""
     from textgen.cli import build_parser
