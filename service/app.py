@@ -220,7 +220,7 @@ class App:
         params = self._params(spec)
         max_tokens = self._max_tokens(spec.max_tokens)
         stops = self._stops(spec.stop)
-        if spec.session_id:
+        if spec.session_id and not spec.snapshot:  # (both at once is refused by _context_for, naming them)
             self.sessions.get(spec.session_id, spec.principal)  # NOT_FOUND before any wait: a wait would tell
             await self._settled(spec.session_id)  # another principal that the session exists
         engine, ctx, session = self._context_for(spec)

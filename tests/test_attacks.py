@@ -9,9 +9,11 @@ so that a loaded 2-core machine passes, and far below what the attacks cost befo
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,11 +21,13 @@ import numpy as np
 import pytest
 
 from service.context import Context
+from service.keyring import new_key_line, read_keyring_file
 from service.sequence import Finish, Sequence
+from service.snapshots import SnapshotCodec
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as pb_grpc
 
-from live_server import CALL_TIMEOUT, Live, rpc_error, stream_text, wait_until
+from live_server import CALL_TIMEOUT, MODEL, Live, rpc_error, stream_text, wait_until
 
 GAP_BOUND = 1.0  # seconds
 LONG = 1_000_000
@@ -206,3 +210,68 @@ def test_concurrent_calls_are_bounded(serve: Callable[..., Live]) -> None:
         call.cancel()
     wait_until(lambda: live.engine.idle, "the held calls ended")
     assert live.generate("a", max_tokens=1).complete.generated_tokens == 1
+
+
+def _keyring(path: Path, *lines: str) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    path.chmod(0o400)
+    return path
+
+
+def test_foreign_tampered_expired_and_retired_snapshots_are_refused(
+    victim_on: Callable[..., tuple[Live, Victim]], tmp_path: Path
+) -> None:
+    old, new = new_key_line("old"), new_key_line("new")
+    issuer, _ = victim_on(snapshot_key_file=_keyring(tmp_path / "old", old))
+    snapshot = issuer.generate("the ", max_tokens=5, seed=1, return_snapshot=True).complete.snapshot
+    live, victim = victim_on(snapshot_key_file=_keyring(tmp_path / "rotated", new), snapshot_max_age_seconds=60)
+    model = live.server.app.registry.get(MODEL)
+    stale = SnapshotCodec(read_keyring_file(tmp_path / "rotated"), clock=lambda: time.time() - 3600)
+    attacks = {
+        "key id 'old'": snapshot,  # sealed under a key this server's ring no longer holds
+        "not a textgen snapshot": os.urandom(4096),
+        "expired": stale.dump(Context.fresh(model, 1)),
+    }
+    rotated_live = victim_on(snapshot_key_file=_keyring(tmp_path / "both", new, old))[0]
+    sealed_here = rotated_live.generate("a", max_tokens=2, return_snapshot=True).complete.snapshot
+    flipped = bytearray(sealed_here)
+    flipped[len(flipped) // 2] ^= 1
+    attacks["authentication failed"] = bytes(flipped)
+
+    def attack() -> list[str]:
+        return [
+            _refused(grpc.StatusCode.INVALID_ARGUMENT, live.generate, "a", snapshot=blob) for blob in attacks.values()
+        ]
+
+    for _ in range(50):  # thousands of bytes of garbage, fifty times over
+        messages, gap = victim.largest_gap(attack)
+        assert gap < GAP_BOUND
+    for expected, message in zip(attacks, messages, strict=True):
+        assert message.startswith("snapshot: ") and expected in message, message
+    # the rotated ring (new first, old kept) still opens the old key's snapshot
+    assert rotated_live.generate("a", snapshot=snapshot, max_tokens=2).complete.generated_tokens == 2
+
+
+def test_one_principal_flooding_the_session_table_cannot_evict_another(
+    victim_on: Callable[..., tuple[Live, Victim]],
+) -> None:
+    live, victim = victim_on(max_sessions=40, max_sessions_per_principal=10)
+    alice, mallory = (("x-textgen-principal", "alice"),), (("x-textgen-principal", "mallory"),)
+    kept = live.stub.CreateSession(pb.CreateSessionRequest(seed=1), metadata=alice, timeout=CALL_TIMEOUT).session_id
+
+    def flood() -> int:
+        made = 0
+        for _ in range(2000):
+            live.stub.CreateSession(pb.CreateSessionRequest(), metadata=mallory, timeout=CALL_TIMEOUT)
+            made += 1
+        return made
+
+    made, gap = victim.largest_gap(flood)
+    assert made == 2000 and gap < GAP_BOUND
+    assert live.on_loop(lambda: live.server.app.sessions.usage("metadata:mallory"))[0] == 10  # evicts only its own
+    reply = live.stub.Generate(
+        pb.GenerateRequest(prompt="a", max_tokens=3, session_id=kept), metadata=alice, timeout=CALL_TIMEOUT
+    )
+    assert reply.complete.session_id == kept
+    err = rpc_error(live.stub.Generate, pb.GenerateRequest(session_id=kept), metadata=mallory, timeout=CALL_TIMEOUT)
+    assert err.code() == grpc.StatusCode.NOT_FOUND  # not told that alice's session exists
