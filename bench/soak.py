@@ -34,6 +34,7 @@ CALL_TIMEOUT = 120.0  # every call has a deadline, so a wedged server ends the r
 GAUGES = {"textgen_running_sequences": "running", "textgen_paused_sequences": "paused",
           "textgen_queue_size": "queue", "textgen_sessions_active": "sessions"}  # fmt: skip
 EXPECTED = {"INVALID_ARGUMENT", "NOT_FOUND"}  # what a bad request should get
+ROUTINE = {"OK", "CANCELLED", "DEADLINE_EXCEEDED"}  # answers to well-formed calls; others are kept with their message
 
 
 class SoakServer(ServerProcess):
@@ -49,8 +50,7 @@ class SoakServer(ServerProcess):
         self.proc = subprocess.Popen(cmd, stderr=self.log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.port = self._port()
         self.log.seek(0)
-        line = next(line for line in self.log if "textgen serving " in line)
-        self.metrics_port = int(line.split("metrics on http://127.0.0.1:")[1].split("/")[0])
+        self.metrics_port = int(self.log.read().split("metrics on http://127.0.0.1:")[1].split("/")[0])
 
 
 def scrape(port: int) -> dict[str, Any]:
@@ -82,25 +82,26 @@ class Tally:
     the sessions still open, and a pool of generated texts reused as in-vocabulary prompts."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock, self.stop = threading.Lock(), threading.Event()
         self.requests: dict[str, Counter[str]] = defaultdict(Counter)
         self.bad: dict[str, Counter[str]] = defaultdict(Counter)
         self.tokens = 0
+        self.surprises: dict[str, list[str]] = defaultdict(list)  # "method CODE": the first messages
         self.open_sessions: set[str] = set()
         self.texts: list[str] = []
-        self.stop = threading.Event()
 
-    def count(self, method: str, code: str, tokens: int = 0, bad: str = "") -> None:
+    def count(self, method: str, code: str, tokens: int = 0, bad: str = "", details: str = "") -> None:
         with self.lock:
+            if not bad and code not in ROUTINE and len(self.surprises[f"{method} {code}"]) < 5:
+                self.surprises[f"{method} {code}"].append(details[:300])
             self.requests[method][code] += 1
             self.tokens += tokens
             if bad:
                 self.bad[bad][code] += 1
 
     def learn(self, text: str) -> None:
-        if text.strip():
-            with self.lock:
-                self.texts = [*self.texts[-63:], text[:300]]
+        with self.lock:  # the last 64 non-blank texts
+            self.texts = [*self.texts[-63:], text[:300]] if text.strip() else self.texts
 
 
 class Client:
@@ -110,8 +111,7 @@ class Client:
     def __init__(self, target: str, tally: Tally, seed: int) -> None:
         self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.TextGenerationStub(self.channel)
-        self.tally = tally
-        self.rng = random.Random(seed)
+        self.tally, self.rng = tally, random.Random(seed)
 
     def run(self) -> None:
         work = [self.stream, self.plain, self.score, self.session, self.snapshot, self.cancel, self.deadline,
@@ -127,10 +127,11 @@ class Client:
     def call(self, method: str, fn: Callable[[], Any], bad: str = "") -> tuple[str, Any]:
         """Run one call, count its status (and tokens, from a ``complete``); the reply, or None on an error."""
         try:
-            reply, code = fn(), "OK"
-        except grpc.RpcError as exc:
-            reply, code = None, exc.code().name  # type: ignore[attr-defined]  # a grpc.Call
-        self.tally.count(method, code, getattr(getattr(reply, "complete", None), "generated_tokens", 0), bad)
+            reply, code, details = fn(), "OK", ""
+        except grpc.RpcError as exc:  # a grpc.Call
+            reply, code, details = None, exc.code().name, exc.details() or ""  # type: ignore[attr-defined]
+        tokens = getattr(getattr(reply, "complete", None), "generated_tokens", 0)
+        self.tally.count(method, code, tokens, bad, details)
         return code, reply
 
     def unary(self, method: str, request: Any, timeout: float = 60, bad: str = "") -> Any:
@@ -188,7 +189,6 @@ class Client:
             with self.tally.lock:
                 self.tally.open_sessions.discard(session_id)
 
-    # -- the kinds of work ----------------------------------------------------------------------------------
     def stream(self) -> None:
         self.read_stream(self.request(self.rng.randint(16, 256), top_k=self.rng.choice([0, 10])))
 
@@ -241,14 +241,14 @@ class Client:
                   "over-long prompt": {"prompt": long}}  # fmt: skip
         for kind, bad in fields.items():
             self.generate(pb.GenerateRequest(**{"max_tokens": 8, **bad}), 60, bad=f"Generate {kind}")
-        for method, kind, request in (
-            ("Score", "unknown model", pb.ScoreRequest(model="no-such-model", text="a")),
-            ("Score", "over-long text", pb.ScoreRequest(text=long)),
-            ("ForkSession", "unknown session", pb.ForkSessionRequest(session_id="no-such-session")),
-            ("CloseSession", "unknown session", pb.CloseSessionRequest(session_id="no-such-session")),
-            ("CreateSession", "garbage snapshot", pb.CreateSessionRequest(snapshot=garbage)),
-        ):
-            self.unary(method, request, bad=f"{method} {kind}")
+        for kind, request in {
+            "Score unknown model": pb.ScoreRequest(model="no-such-model", text="a"),
+            "Score over-long text": pb.ScoreRequest(text=long),
+            "ForkSession unknown session": pb.ForkSessionRequest(session_id="no-such-session"),
+            "CloseSession unknown session": pb.CloseSessionRequest(session_id="no-such-session"),
+            "CreateSession garbage snapshot": pb.CreateSessionRequest(snapshot=garbage),
+        }.items():
+            self.unary(kind.split()[0], request, bad=kind)
 
 
 def sample(proc: psutil.Process, metrics_port: int, t0: float) -> dict[str, Any]:
@@ -286,8 +286,7 @@ def _span(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
 
 def run_soak(bundle: Path | None, checkpoint: Path | None, out_dir: Path, seconds: float, clients: int,
              threads: int = 0, session_ttl: float = 60.0, sample_every: float = 5.0) -> dict[str, Any]:  # fmt: skip
-    """The whole soak; writes ``soak.json`` and ``soak.png`` into ``out_dir`` and returns the report, whose
-    ``failures`` list is empty when the run passed."""
+    """The whole soak: soak.json, soak.png, server.log in ``out_dir``; the report's ``failures`` is [] if it passed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if bundle is None:
         assert checkpoint is not None
@@ -317,8 +316,7 @@ def run_soak(bundle: Path | None, checkpoint: Path | None, out_dir: Path, second
             failures.append("client threads still running 8 minutes after the load stopped")
         busy = ("running", "queue", "paused")  # paused: None on a server without it
         drain_seconds = _wait_for(lambda: not any(scrape(server.metrics_port)[k] for k in busy), 60)
-        with tally.lock:
-            leftover = sorted(tally.open_sessions)
+        leftover = sorted(tally.open_sessions)  # the client threads have ended
         for sid in leftover:  # the ones the load left idle (or whose close failed), unless the TTL took them
             helper.close(sid)
         helper.channel.close()
@@ -327,8 +325,10 @@ def run_soak(bundle: Path | None, checkpoint: Path | None, out_dir: Path, second
         final = scrape(server.metrics_port) if server.proc.poll() is None else None
     finally:
         alive = server.proc.poll() is None
-        server.log.seek(0)  # the server's own errors and tracebacks, for the report
-        errors = [ln.rstrip() for ln in server.log if " ERROR " in ln or " CRITICAL " in ln or "Traceback" in ln]
+        server.log.seek(0)  # the server's log, kept for its errors and tracebacks
+        (out_dir / "server.log").write_text(server.log.read())
+        server.log.seek(0)
+        errors = [ln.rstrip() for ln in server.log if " ERROR " in ln or " CRITICAL " in ln]  # tracebacks: server.log
         server.stop()
     for failed, why in (
         (not alive, f"the server died (exit status {server.proc.returncode})"),
@@ -364,13 +364,13 @@ def run_soak(bundle: Path | None, checkpoint: Path | None, out_dir: Path, second
         "tokens_generated": tally.tokens,  # completed calls' generated_tokens, as clients saw them
         "server_tokens_generated": (final or {}).get("tokens"),  # every token sampled, cancelled calls' included
         "rss_mib": {**_span(rows, "rss_mib"), "slope_mib_per_min_second_half": slope},
-        "threads": _span(rows, "threads"),
-        "fds": _span(rows, "fds"),
+        **{key: _span(rows, key) for key in ("threads", "fds")},
         "server_cpu_seconds": rows[-1]["cpu_s"] - rows[0]["cpu_s"] if rows else None,
         "drain_seconds": drain_seconds,
         "sessions": {"closed_at_end": len(leftover), "zero_after_seconds": sessions_seconds, "ended": ended},
         "gauges_end": {k: samples[-1].get(k) for k in GAUGES.values()},
-        "server_errors": errors[:20],
+        "surprises": dict(tally.surprises),  # e.g. a session that expired between two calls of one op
+        "server_errors": {"count": len(errors), "first": errors[:10]},
         "samples": samples,
     }
     (out_dir / "soak.json").write_text(json.dumps(report, indent=1))
