@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,3 +86,27 @@ def serve(served_bundle: Path) -> Iterator[Callable[..., Live]]:
     yield start
     for live in reversed(started):
         live.close()
+
+
+@pytest.fixture
+def durability_events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """The real ``os.fsync``, ``os.rename`` and ``os.replace`` calls made during the test, in order:
+    ``("fsync", path synced)``, ``("rename", source)``, ``("replace", destination)``."""
+    events: list[tuple[str, str]] = []
+    real = {name: getattr(os, name) for name in ("fsync", "rename", "replace")}
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real["fsync"](fd)
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        events.append(("rename", str(src)))
+        real["rename"](src, dst)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        events.append(("replace", str(dst)))
+        real["replace"](src, dst)
+
+    for name, fn in (("fsync", fsync), ("rename", rename), ("replace", replace)):
+        monkeypatch.setattr(os, name, fn)
+    return events

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -188,21 +187,9 @@ def test_quantize_leaves_the_root_logger_as_it_was(caplog: pytest.LogCaptureFixt
 
 
 def test_bundle_files_and_directories_are_fsynced_around_the_rename(
-    tmp_path: Path, trained_run: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, trained_run: Path, monkeypatch: pytest.MonkeyPatch, durability_events: list[tuple[str, str]]
 ) -> None:
-    events: list[tuple[str, str]] = []
-    real_fsync, real_rename = os.fsync, os.rename
-
-    def fsync(fd: int) -> None:  # the real call, recorded with the path it syncs
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def rename(src: str | Path, dst: str | Path) -> None:
-        events.append(("rename", str(src)))
-        real_rename(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "rename", rename)
+    events = durability_events
     out = tmp_path / "repo" / "m" / "1"
     export_bundle(trained_run / "best.pt", out)
     monkeypatch.undo()

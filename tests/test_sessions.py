@@ -25,7 +25,7 @@ from textgen.errors import FailedPreconditionError, NotFoundError, OverloadedErr
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as pb_grpc
 
-from live_server import CALL_TIMEOUT, Live, rpc_error
+from live_server import CALL_TIMEOUT, Live, rpc_error, start_server
 
 
 class Clock:
@@ -338,20 +338,11 @@ def mtls_server(served_bundle: Path, mtls: dict[str, bytes], tmp_path: Path) -> 
     for name in ("ca", "server", "server.key"):
         paths[name] = tmp_path / f"{name}.pem"
         paths[name].write_bytes(mtls[name])
-    settings = load_settings(
-        bundle=served_bundle,
-        host="127.0.0.1",
-        port=0,
-        providers=["CPUExecutionProvider"],
-        intra_op_threads=1,
-        log_level="warning",
-        tls_cert_file=paths["server"],
-        tls_key_file=paths["server.key"],
-        tls_client_ca_file=paths["ca"],
+    live = start_server(
+        served_bundle, tls_cert_file=paths["server"], tls_key_file=paths["server.key"], tls_client_ca_file=paths["ca"]
     )
-    server = BackgroundServer(settings)
-    yield server
-    server.stop()
+    yield live.server
+    live.close()
 
 
 def test_mutual_tls_identity_is_the_principal(mtls_server: BackgroundServer, mtls: dict[str, bytes]) -> None:

@@ -234,23 +234,9 @@ def test_the_first_loss_logged_after_a_resume_is_the_mean_of_its_own_steps(tmp_p
 
 
 def test_a_checkpoint_is_fsynced_then_renamed_then_its_directory_fsynced(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability_events: list[tuple[str, str]]
 ) -> None:
-    import os
-
-    events: list[tuple[str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:  # the real call, recorded with the path it syncs
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src: str, dst: str) -> None:
-        events.append(("replace", str(dst)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = durability_events
     target = tmp_path / "run" / "last.pt"
     save_checkpoint(target, {"step": 1})
     monkeypatch.undo()
