@@ -44,10 +44,19 @@ def status_code(error: TextgenError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
 
 
+# A client whose own deadline fires cancels the call a little before the server's copy of that deadline passes (the
+# server's started when the request arrived): a cancel this close to the deadline is counted as the deadline.
+_DEADLINE_SLACK_SECONDS = 0.25
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= _DEADLINE_SLACK_SECONDS
+
+
 def _interrupted(context: grpc.aio.ServicerContext) -> TextgenError:
     """Why a call's task was cancelled under it: its deadline passed, or the client went away."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if _deadline_passed(context):
         return DeadlineExceededError("deadline exceeded")
     return CancelledError("the client cancelled or disconnected")
 
@@ -55,6 +64,10 @@ def _interrupted(context: grpc.aio.ServicerContext) -> TextgenError:
 async def _abort(name: str, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """End the call with the error's status (message = the error's text); anything else is a bug: logged,
     INTERNAL."""
+    if isinstance(exc, (DeadlineExceededError, CancelledError)) and _deadline_passed(context):
+        # The transport has ended the call with DEADLINE_EXCEEDED already: a status sent now would fail (and
+        # grpc would log that failure as an error). Ending the task as cancelled is what that call is.
+        raise asyncio.CancelledError
     if isinstance(exc, TextgenError):
         await context.abort(status_code(exc), str(exc))
     log.exception("internal error in %s", name, exc_info=exc)

@@ -10,6 +10,11 @@ import pytest
 if TYPE_CHECKING:
     from live_server import Live
 
+# One torch thread for the tiny models the tests train (here and in the `textgen` subprocesses they start, which
+# inherit the environment): two OpenMP threads buy nothing at this size, and beside another busy process they spin
+# against it (60 steps took 6.7 s instead of 1.9 s with a CPU hog running), which no test may depend on.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # A small corpus with enough structure to learn quickly and enough lines for word-level work.
 _LINES = [
     "the quick brown fox jumps over the lazy dog",

@@ -9,6 +9,7 @@ so that a loaded 2-core machine passes, and far below what the attacks cost befo
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import time
@@ -275,3 +276,34 @@ def test_one_principal_flooding_the_session_table_cannot_evict_another(
     assert reply.complete.session_id == kept
     err = rpc_error(live.stub.Generate, pb.GenerateRequest(session_id=kept), metadata=mallory, timeout=CALL_TIMEOUT)
     assert err.code() == grpc.StatusCode.NOT_FOUND  # not told that alice's session exists
+
+
+def test_deadlines_expiring_mid_generation_are_counted_as_deadlines_and_log_no_error(
+    victim_on: Callable[..., tuple[Live, Victim]], caplog: pytest.LogCaptureFixture
+) -> None:
+    live, victim = victim_on()
+    registry = live.server.app.metrics.registry
+
+    def expired(method: str) -> float:
+        labels = {"method": method, "model": MODEL, "code": "DEADLINE_EXCEEDED"}
+        return registry.get_sample_value("textgen_requests_total", labels) or 0.0
+
+    def storm() -> None:
+        for _ in range(20):  # a million tokens cannot be generated in 0.2 s on any machine
+            for call in (live.generate, live.stream):
+                err = rpc_error(call, "the ", max_tokens=LONG, timeout=0.2)
+                assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    with caplog.at_level(logging.WARNING):
+        _, gap = victim.largest_gap(storm)
+    assert gap < GAP_BOUND
+    wait_until(lambda: expired("Generate") + expired("GenerateStream") == 40, "every call counted as a deadline")
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_text_the_model_wrote_can_be_fed_back_even_with_its_unknown_marks(serve: Callable[..., Live]) -> None:
+    live = serve()  # a char model: unknown characters are refused, but U+FFFD is how <unk> is shown
+    reply = live.generate("the \ufffd fox", max_tokens=3, seed=1)
+    assert reply.complete.prompt_tokens == 9
+    details = _refused(grpc.StatusCode.INVALID_ARGUMENT, live.generate, "the \ufffd \u2603", max_tokens=3)
+    assert details.startswith("prompt: character '\u2603' (U+2603) at offset 6")

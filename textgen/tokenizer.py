@@ -187,18 +187,24 @@ class TextTokenizer:
 
     def first_unknown(self, text: str, parts: list[np.ndarray]) -> tuple[int, str] | None:
         """``(character offset, text)`` of the first token of ``text`` (encoded as ``parts``) that maps to
-        ``<unk>``, or None. Found from the ids; at most one piece of the text is encoded again, for its offsets,
-        so a huge text with an unknown character at its end costs no second full encoding."""
+        ``<unk>``, or None. Found from the ids; a piece of the text is encoded again, for its offsets, only when it
+        holds an ``<unk>``, so a huge text with an unknown character at its end costs no second full encoding.
+        The way ``decode`` shows ``<unk>`` (U+FFFD, or the word ``<unk>``) is not unknown: generated text that
+        holds one can be fed back as a prompt."""
+        shown = self._shown[self.unk_id]
         skipped_chars = 0
         pieces = _chunks(text) if len(parts) > 1 else [text]
         for piece, ids in zip(pieces, parts, strict=True):
             hits = np.flatnonzero(ids == self.unk_id)
             if hits.size:
-                index = int(hits[0])
                 if self.level is Level.CHAR and ids.size == len(piece):  # one token per code point
-                    return skipped_chars + index, piece[index]
-                start, end = self._hf.encode(piece, add_special_tokens=False).offsets[index]
-                return skipped_chars + start, piece[start:end]
+                    spans: Iterable[tuple[int, int]] = ((i, i + 1) for i in hits.tolist())
+                else:
+                    offsets = self._hf.encode(piece, add_special_tokens=False).offsets
+                    spans = (offsets[i] for i in hits.tolist())
+                for start, end in spans:
+                    if piece[start:end] != shown:
+                        return skipped_chars + start, piece[start:end]
             skipped_chars += len(piece)
         return None
 
