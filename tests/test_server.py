@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from grpc_health.v1 import health_pb2
 
+from service.sequence import Finish
 from textgen.errors import CancelledError, DeadlineExceededError
 from textgen.sampling import SamplingParams
 from textgen.tokenizer import TextTokenizer
@@ -29,7 +30,7 @@ from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.generate import generate_text
 from training.model import RNNLanguageModel
 
-from live_server import CALL_TIMEOUT, MODEL, Live, rpc_error, start_server, stream_text, wait_until
+from live_server import CALL_TIMEOUT, ENDLESS, MODEL, Live, rpc_error, start_server, stream_text, wait_until
 
 LONG = 1_000_000  # max_tokens of a generation that cannot end during a test (servers that allow it raise the limit)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -189,6 +190,7 @@ def test_paused_slow_readers_resume_where_they_stopped(serve: Callable[..., Live
     alone = [live.generate(**r).text for r in requests]
     assert alone[1] == free
     engine = live.engine
+    recorder = live.observe()
     gate = live.gate()
     calls = [live.stream(**r) for r in requests]
     gate.wait_entered()
@@ -196,13 +198,14 @@ def test_paused_slow_readers_resume_where_they_stopped(serve: Callable[..., Live
 
     def starve_the_streams() -> None:  # blocks the event loop: nothing drains the streams' buffers
         gate.release()
-        wait_until(lambda: len(engine._decode) == 3 and all(s.paused for s in engine._decode), "all three paused")
+        started = recorder.started
+        wait_until(lambda: len(started) == 3 and all(s.paused for s in started), "all three paused")
 
     live.on_loop(starve_the_streams)
     assert [stream_text(c)[0] for c in calls] == alone
 
 
-def test_slow_reader_is_cancelled_under_the_cancel_policy(serve: Callable[..., Live]) -> None:
+def test_slow_reader_is_ended_at_once_under_the_cancel_policy(serve: Callable[..., Live]) -> None:
     live = serve(stream_buffer_tokens=4, slow_reader_policy="cancel")
     request = dict(prompt="the ", max_tokens=100, temperature=0.8, seed=4)
     alone = live.generate(**request).text  # a unary call drains its buffer as it goes
@@ -216,7 +219,7 @@ def test_slow_reader_is_cancelled_under_the_cancel_policy(serve: Callable[..., L
 
     live.on_loop(starve_the_stream)
     text, last = stream_text(call)
-    assert last.complete.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert last.complete.finish_reason == pb.FINISH_REASON_SLOW_READER
     assert last.complete.generated_tokens == 4 and text == alone[:4]
 
 
@@ -370,11 +373,15 @@ def test_busy_session_refuses_a_second_call(live: Live) -> None:
 
 
 def test_idle_session_expires(serve: Callable[..., Live]) -> None:
-    live = serve(session_ttl_seconds=0.3)
+    live = serve(session_ttl_seconds=600)
+    now = [1000.0]  # the store's clock, moved by the test instead of waited for
+    live.on_loop(lambda: setattr(live.server.app.sessions, "clock", lambda: now[0]))
     info = live.stub.CreateSession(pb.CreateSessionRequest(), timeout=CALL_TIMEOUT)
-    assert info.idle_ttl_seconds == pytest.approx(0.3)
-    live.generate("a", session_id=info.session_id, max_tokens=2)  # used within its TTL: still there
-    time.sleep(0.6)
+    assert info.idle_ttl_seconds == pytest.approx(600)
+    for _ in range(2):
+        now[0] += 599
+        live.generate("a", session_id=info.session_id, max_tokens=2)  # used within its TTL: still there
+    now[0] += 601
     err = rpc_error(live.generate, "a", session_id=info.session_id, max_tokens=2)
     assert err.code() == grpc.StatusCode.NOT_FOUND and "expired" in err.details()
 
@@ -394,12 +401,12 @@ def test_least_recently_used_session_is_evicted(serve: Callable[..., Live]) -> N
         assert live.generate("a", session_id=sid, max_tokens=2).complete.session_id == sid
 
     gate = live.gate()
-    try:  # with both sessions generating there is nothing to evict
+    try:  # with both of this client's sessions generating it has nothing of its own to evict
         calls = [live.stream("a", session_id=sid, max_tokens=3) for sid in (a, c)]
         gate.wait_entered()
         wait_until(lambda: live.engine.running + live.engine.queued == 2, "both session calls submitted")
         err = rpc_error(live.stub.CreateSession, pb.CreateSessionRequest(), timeout=CALL_TIMEOUT)
-        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "session table full" in err.details()
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "session quota reached" in err.details()
     finally:
         gate.release()
     assert all(stream_text(c)[1].complete.generated_tokens == 3 for c in calls)
@@ -478,7 +485,7 @@ def test_cancelled_stream_frees_its_slot(serve: Callable[..., Live]) -> None:
     done = live.generate("the ", max_tokens=10)  # the only slot: this would wait forever if it leaked
     assert done.complete.finish_reason == pb.FINISH_REASON_LENGTH
     wait_until(lambda: live.engine.running == 0 and live.engine.idle, "engine idle")
-    cancelled = recorder.done[0]
+    [cancelled] = [s for s in recorder.done if s.max_tokens == LONG]  # by identity, not by the order they ended
     assert cancelled.result is not None and isinstance(cancelled.result.error, CancelledError)
     assert cancelled.generated < LONG
 
@@ -497,13 +504,22 @@ def test_cancelled_call_leaves_its_session_unchanged(serve: Callable[..., Live])
     assert live.generate(session_id=sid, **later).text == live.generate(session_id=before.session_id, **later).text
 
 
+# A deadline long enough for a call to reach the server on a loaded machine (it must, to be ended there), a whole
+# number of milliseconds so gRPC's timeout header carries it unrounded.
+DEADLINE = 1.0
+
+
 def test_deadline_ends_a_generation(serve: Callable[..., Live]) -> None:
-    live = serve(max_tokens_limit=LONG, stream_buffer_tokens=8)
+    live = serve(max_tokens_limit=ENDLESS)
     recorder = live.observe()
-    err = rpc_error(live.generate, "the ", max_tokens=LONG, timeout=0.2)
+    # Both run at once, and neither can end by length first, on any machine.
+    unary = live.stub.Generate.future(pb.GenerateRequest(prompt="the ", max_tokens=ENDLESS), timeout=DEADLINE)
+    stream = live.stream("the ", max_tokens=ENDLESS, timeout=DEADLINE)
+    received: list[pb.GenerateStreamResponse] = []
+    err = rpc_error(lambda: received.extend(stream))
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    err = rpc_error(live.stream, "the ", max_tokens=LONG, timeout=0.2)
-    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert received and not received[-1].HasField("complete")  # it was generating when its deadline passed
+    assert unary.exception().code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_until(lambda: len(recorder.done) == 2, "both generations retired")
     wait_until(lambda: live.engine.idle, "engine idle")
     for seq in recorder.done:
@@ -512,19 +528,31 @@ def test_deadline_ends_a_generation(serve: Callable[..., Live]) -> None:
 
 
 def test_deadline_passes_while_queued(serve: Callable[..., Live]) -> None:
-    live = serve(max_batch_size=1, max_tokens_limit=LONG, stream_buffer_tokens=8)
-    blocker = live.stream("the ", max_tokens=LONG)
-    assert next(blocker).text  # holds the only slot (paused: nobody reads it)
-    err = rpc_error(live.generate, "a", max_tokens=3, timeout=0.3)
-    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_until(lambda: live.engine.queued == 0, "the expired request left the queue")
-    assert live.engine.running == 1
+    # a buffer the blocker cannot fill during the test: it never pauses, so it keeps the only batch slot
+    live = serve(max_batch_size=1, max_tokens_limit=LONG, stream_buffer_tokens=LONG)
+    recorder = live.observe()
+    gate = live.gate()
+    try:
+        blocker = live.stream("the ", max_tokens=LONG)
+        gate.wait_entered()  # the blocker holds the only slot, and the engine is held still: nothing is admitted
+        queued = live.stub.Generate.future(pb.GenerateRequest(prompt="a", max_tokens=3), timeout=DEADLINE)
+        wait_until(lambda: live.engine.queued == 1, "the second request queued")
+        assert queued.exception().code() == grpc.StatusCode.DEADLINE_EXCEEDED  # its deadline passed in the queue
+    finally:
+        gate.release()
+    wait_until(lambda: len(recorder.done) == 1, "the expired request retired")
+    assert live.engine.queued == 0
+    [expired] = recorder.done
+    assert expired.admitted == 0 and expired.generated == 0  # reaped from the queue, never run
+    assert expired.result is not None and isinstance(expired.result.error, DeadlineExceededError | CancelledError)
+    assert next(blocker).text  # the running stream goes on
     blocker.cancel()
     wait_until(lambda: live.engine.idle, "engine idle")
 
 
 def test_full_queue_is_resource_exhausted(serve: Callable[..., Live]) -> None:
-    live = serve(max_batch_size=1, max_queue=1, max_tokens_limit=LONG, stream_buffer_tokens=8)
+    # buffers no stream can fill during the test: the running one never pauses and keeps the only slot
+    live = serve(max_batch_size=1, max_queue=1, max_tokens_limit=LONG, stream_buffer_tokens=LONG)
     calls = [live.stream("the ", max_tokens=LONG, seed=i) for i in range(3)]  # one running, one queued, one too many
     wait_until(lambda: any(c.done() for c in calls), "a call refused")
     refused = [c for c in calls if c.done()]
@@ -672,18 +700,31 @@ def test_graceful_shutdown_lets_a_running_stream_finish(serve: Callable[..., Liv
 
 
 def test_shutdown_past_the_grace_period_cancels_streams(serve: Callable[..., Live]) -> None:
-    live = serve(max_tokens_limit=LONG)
-    call = live.stream("the ", max_tokens=LONG)
+    # Two streams that cannot end by length (ENDLESS) are still there when the grace period ends, however fast the
+    # machine: one whose reader stopped (paused), one read as it comes. Both get the whole grace period, then are
+    # cancelled. Both use small-window connections: the first really pauses, and the second's final message is
+    # never more than ~1 KB behind its reader.
+    grace = 0.2
+    live = serve(max_tokens_limit=ENDLESS, stream_buffer_tokens=8)
+    recorder = live.observe()
+    stalled = live.stream("to be", max_tokens=ENDLESS, small_window=True)
+    assert next(stalled).text
+    wait_until(lambda: recorder.started[0].paused, "the stream whose reader stopped is paused")
+    call = live.stream("the ", max_tokens=ENDLESS, small_window=True)
     received: list[pb.GenerateStreamResponse] = []
     reader = threading.Thread(target=lambda: received.extend(call))
     reader.start()
-    wait_until(lambda: len(received) > 0, "the stream started")
-    live.server.stop(grace=0.2)
+    wait_until(lambda: len(received) > 0, "the other stream started")
+    stopping = time.monotonic()
+    live.server.stop(grace=grace)
+    assert time.monotonic() - stopping >= grace
     reader.join(CALL_TIMEOUT)
     assert not reader.is_alive()
     last = received[-1]
     assert last.complete.finish_reason == pb.FINISH_REASON_CANCELLED
-    assert 0 < last.complete.generated_tokens < LONG
+    assert 0 < last.complete.generated_tokens < ENDLESS
+    assert [s.result.finish for s in recorder.done if s.result] == [Finish.CANCELLED] * 2
+    stalled.cancel()
 
 
 # -- 13. Empty prompt and model facts ----------------------------------------------------------------------
