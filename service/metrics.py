@@ -244,7 +244,7 @@ class Metrics:
             failures=Counter(
                 "textgen_request_failures",
                 "RPCs that did not succeed, by reason (validation, not_found, overloaded, unavailable, cancelled, "
-                "deadline, internal)",
+                "slow_reader, deadline, internal)",
                 ["method", "model", "reason"],
                 registry=r,
             ),

@@ -73,7 +73,8 @@ class TextgenServer:
     async def start(self) -> int:
         settings = self.settings
         server = grpc.aio.server(options=_options(settings))
-        pb_grpc.add_TextGenerationServicer_to_server(Servicer(self.app), server)
+        self.servicer = Servicer(self.app)
+        pb_grpc.add_TextGenerationServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server

@@ -22,6 +22,7 @@ from textgen.errors import (
     CancelledError,
     DeadlineExceededError,
     OverloadedError,
+    SlowReaderError,
     TextgenError,
     UnavailableError,
 )
@@ -64,9 +65,12 @@ def _interrupted(context: grpc.aio.ServicerContext) -> TextgenError:
 async def _abort(name: str, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """End the call with the error's status (message = the error's text); anything else is a bug: logged,
     INTERNAL."""
-    if isinstance(exc, (DeadlineExceededError, CancelledError)) and _deadline_passed(context):
-        # The transport has ended the call with DEADLINE_EXCEEDED already: a status sent now would fail (and
-        # grpc would log that failure as an error). Ending the task as cancelled is what that call is.
+    if isinstance(exc, SlowReaderError) or (
+        isinstance(exc, (DeadlineExceededError, CancelledError)) and _deadline_passed(context)
+    ):
+        # A status cannot reach this client: its deadline passed (the transport has sent DEADLINE_EXCEEDED; a
+        # status sent now fails and grpc logs that as an error), or it reads nothing (a status would queue behind
+        # the unread messages). Ending the task as cancelled lets the transport drop the call.
         raise asyncio.CancelledError
     if isinstance(exc, TextgenError):
         await context.abort(status_code(exc), str(exc))
@@ -239,18 +243,26 @@ class Servicer(pb_grpc.TextGenerationServicer):
         raise AssertionError("generation ended without a result")
 
     @_rpc
-    async def GenerateStream(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         async for gen, deltas, outcome in self._run(request, context):
             msg = pb.GenerateStreamResponse(text="".join(d.text for d in deltas))
             if request.logprobs:
                 msg.logprobs.extend(_logprobs(deltas))
             if outcome is not None:
                 msg.complete.CopyFrom(_completion(gen.model, outcome))
-            yield msg
+            await self._write(context, msg)
             if outcome is not None:
-                self.app.commit(gen)  # resumed only once the transport took the final message
+                self.app.commit(gen)  # the transport took the final message
+
+    async def _write(self, context: grpc.aio.ServicerContext, msg: pb.GenerateStreamResponse) -> None:
+        """Send one stream message, waiting at most the pause limit for the client to make room: a client that
+        reads nothing for that long must not keep its call, and its place under max_concurrent_rpcs, for ever
+        (the engine has ended its sequence by then; this ends the call that waits to deliver the last message)."""
+        limit = self.app.settings.max_pause_seconds
+        try:
+            await asyncio.wait_for(context.write(msg), limit)
+        except asyncio.TimeoutError:
+            raise SlowReaderError(f"the client read nothing for {limit:g} s (max_pause_seconds)") from None
 
     @_rpc
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:

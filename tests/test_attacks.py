@@ -28,7 +28,7 @@ from service.snapshots import SnapshotCodec
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as pb_grpc
 
-from live_server import CALL_TIMEOUT, MODEL, Live, rpc_error, stream_text, wait_until
+from live_server import CALL_TIMEOUT, ENDLESS, MODEL, Live, rpc_error, stream_text, wait_until
 
 GAP_BOUND = 1.0  # seconds
 LONG = 1_000_000
@@ -307,3 +307,18 @@ def test_text_the_model_wrote_can_be_fed_back_even_with_its_unknown_marks(serve:
     assert reply.complete.prompt_tokens == 9
     details = _refused(grpc.StatusCode.INVALID_ARGUMENT, live.generate, "the \ufffd \u2603", max_tokens=3)
     assert details.startswith("prompt: character '\u2603' (U+2603) at offset 6")
+
+
+def test_calls_whose_clients_never_read_end_and_give_back_their_place(serve: Callable[..., Live]) -> None:
+    """The engine ends an unread stream after the pause limit; the call itself, stuck delivering its last
+    message to a client that reads nothing, is ended too, so such clients cannot fill max_concurrent_rpcs."""
+    live = serve(max_concurrent_rpcs=3, max_pause_seconds=0.5, max_tokens_limit=ENDLESS, stream_buffer_tokens=8)
+    held = [live.stream("the ", max_tokens=ENDLESS, small_window=True, timeout=120) for _ in range(3)]
+    servicer = live.server.server.servicer
+    wait_until(lambda: servicer.in_progress == 3, "three calls in progress")
+    wait_until(lambda: live.engine.idle and servicer.in_progress == 0, "the unread calls ended", 120)
+    assert live.generate("the ", max_tokens=3).complete.generated_tokens == 3
+    labels = {"method": "GenerateStream", "model": MODEL, "reason": "slow_reader"}
+    assert live.server.app.metrics.registry.get_sample_value("textgen_request_failures_total", labels) == 3
+    for call in held:  # gRPC has no way for a server to reset a stream: the client's cancel (or deadline) ends it
+        call.cancel()

@@ -74,3 +74,9 @@ class CancelledError(TextgenError):
 
     status = "CANCELLED"
     reason = "cancelled"
+
+
+class SlowReaderError(CancelledError):
+    """A stream's client read nothing for longer than the server allows: the call is ended to free what it holds."""
+
+    reason = "slow_reader"
