@@ -9,7 +9,8 @@ gathered again only when the set of decoding sequences changes.
 
 A stream whose client stops reading fills its bounded buffer and is paused: it leaves the decode batch and gives
 up its slot (``max_batch_size`` counts only sequences that can run), keeping its state; when its reader makes room
-it takes a slot again before any new request. A pause longer than ``max_pause_seconds`` ends it (SLOW_READER).
+it queues for a slot again, in order with waiting requests. A pause longer than ``max_pause_seconds`` ends it
+(SLOW_READER).
 A Score pass computes at most ``score_step_logits`` logits per step, so scoring never stalls running streams.
 
 The engine thread is the only writer of a running sequence; the transport (the asyncio thread) only drains its
@@ -27,7 +28,7 @@ import numpy as np
 from service.logprobs import token_logprobs
 from service.models import ServedModel, State
 from service.observer import EngineObserver
-from service.sequence import Delta, Finish, Phase, Result, Sequence, TokenLogprob
+from service.sequence import Delta, Finish, Phase, Sequence, TokenLogprob
 from service.settings import ServerSettings
 from service.wakes import Wakes
 from textgen.errors import DeadlineExceededError, OverloadedError, TextgenError, UnavailableError
@@ -58,7 +59,9 @@ class Engine:
         self._rows: list[Sequence] = []  # sequences whose state is in _batch_state, in row order
         self._batch_state: State = ()
         self._admitted = 0  # sequences holding a batch slot
-        self._active = 0  # sequences admitted and not finished (paused ones included)
+        # Sequences admitted and not finished (paused ones included), by id: a failed step ends each, wherever it was.
+        self._live: dict[int, Sequence] = {}
+        self._ready = 0  # paused sequences whose reader made room: they queue for a slot like waiting requests
         self._draining = False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{model.name}", daemon=True)
@@ -73,7 +76,7 @@ class Engine:
             if self._draining:
                 raise UnavailableError("server is shutting down; retry on another replica")
             free = max(0, self.max_batch - self.running)
-            if len(self._waiting) >= self.max_queue + free:
+            if len(self._waiting) + self._ready >= self.max_queue + free:  # paused streams queue for slots too
                 raise OverloadedError(
                     f"model {self.model.name}: request queue full ({len(self._waiting)} waiting, "
                     f"{self.running} running); retry later"
@@ -94,7 +97,7 @@ class Engine:
     @property
     def paused(self) -> int:
         """Admitted sequences out of the batch, waiting for their reader (or for a slot again)."""
-        return self._active - self._admitted
+        return len(self._live) - self._admitted
 
     @property
     def queued(self) -> int:
@@ -102,7 +105,7 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not self._waiting and self._active == 0
+        return not self._waiting and not self._live
 
     def drain(self) -> None:
         """Take no new work; what is queued or running goes on."""
@@ -129,9 +132,9 @@ class Engine:
                 with self._cond:
                     self._admit()
                 self._step()
-            except Exception:  # a bug: fail what was running, keep serving
+            except Exception:  # a bug: fail every admitted sequence (wherever the step stopped), keep serving
                 log.exception("engine step failed for model %s", self.model.name)
-                for seq in [*self._prefill, *self._decode]:
+                for seq in list(self._live.values()):
                     self._finish(seq, error=TextgenError("internal error while generating (logged on the server)"))
                 self._rows, self._batch_state = [], ()
                 self._wakes.flush()
@@ -155,16 +158,16 @@ class Engine:
             self._admitted -= 1
 
     def _admit(self) -> None:
-        """Fill free slots: paused sequences whose reader made room first (they hold state and a client), then
-        waiting requests in arrival order."""
-        for seq in self._decode:
-            if self._admitted >= self.max_batch:
-                return
-            if seq.paused and seq.buffered_tokens < self.buffer_limit:
-                seq.paused, seq.paused_since = False, 0.0
-                self._take_slot(seq)
+        """Fill free slots in order of readiness: waiting requests by arrival, paused sequences by when their
+        reader made room again, so streams that keep pausing cannot jump the queue."""
         now = time.monotonic()
-        while self._waiting and self._admitted < self.max_batch:
+        ready = sorted((s for s in self._decode if s.paused and s.ready_since), key=lambda s: s.ready_since)
+        while (ready or self._waiting) and self._admitted < self.max_batch:
+            if ready and (not self._waiting or ready[0].ready_since <= self._waiting[0].arrived):
+                seq = ready.pop(0)
+                seq.paused, seq.ready_since = False, 0.0
+                self._take_slot(seq)
+                continue
             seq = self._waiting.popleft()
             if self._reap_reason(seq, now) is not None:
                 self._waiting.appendleft(seq)  # reaped at the next step, with the others
@@ -173,7 +176,7 @@ class Engine:
             seq.admitted = now
             self._prefill.append(seq)
             self._take_slot(seq)
-            self._active += 1
+            self._live[seq.id] = seq
             self.observer.admitted(seq)
 
     def _reap_reason(self, seq: Sequence, now: float) -> TextgenError | None:
@@ -195,15 +198,20 @@ class Engine:
                     if seq in self._waiting:
                         self._waiting.remove(seq)
                 self._finish(seq, error=reason)
+        ready = 0
         for seq in list(self._decode):  # a copy: _finish removes from the list
             if seq.buffered_tokens < self.buffer_limit:
-                seq.paused_since = 0.0  # the reader made room; the sequence waits for a slot if it has none
+                seq.paused_since = 0.0  # the reader made room: if paused, it queues for a slot from now on
+                if seq.paused:
+                    seq.ready_since = seq.ready_since or now
+                    ready += 1
             elif self.cancel_slow_readers or (seq.paused_since and now - seq.paused_since >= self.max_pause):
                 self._finish(seq, finish=Finish.SLOW_READER)
             else:
-                seq.paused = True
+                seq.paused, seq.ready_since = True, 0.0
                 seq.paused_since = seq.paused_since or now
                 self._release_slot(seq)
+        self._ready = ready
 
     def _step(self) -> None:
         ready = self._run_prefill()
@@ -221,13 +229,16 @@ class Engine:
     def _run_prefill(self) -> list[tuple[Sequence, np.ndarray]]:
         """Run up to ``chunk_tokens`` prompt tokens; return the sequences whose prompt is done, with their last
         logits row. Chunks of equal length from different sequences run as one batch."""
-        budget = self.chunk_tokens
+        budget, score_budget = self.chunk_tokens, self.score_step_tokens  # the score budget is shared by all calls
         groups: dict[tuple[int, bool], list[Sequence]] = {}
         for seq in self._prefill:
             if budget <= 0:
                 break
-            n = min(seq.feed.size - seq.fed, budget, self.score_step_tokens if seq.score else budget)
+            n = min(seq.feed.size - seq.fed, budget, score_budget if seq.score else budget)
+            if n <= 0:
+                continue  # a score pass, and this step's score budget is spent
             budget -= n
+            score_budget -= n if seq.score else 0
             groups.setdefault((n, seq.score), []).append(seq)
         ready = []
         for (n, score), seqs in groups.items():
@@ -360,7 +371,6 @@ class Engine:
     ) -> None:
         if seq.phase is Phase.DONE:
             return
-        now = time.monotonic()
         ctx = None
         if error is None and not seq.score:
             ctx = seq.context
@@ -374,24 +384,9 @@ class Engine:
         if seq in self._decode:
             self._decode.remove(seq)
         if seq.phase is not Phase.WAITING:
-            self._active -= 1
+            del self._live[seq.id]
         self._release_slot(seq)
         seq.phase = Phase.DONE
-        result = Result(
-            finish=finish if error is None else None,
-            stop=stop,
-            prompt_tokens=int(seq.feed.size),
-            generated_tokens=seq.generated,
-            seed=seq.context.seed,
-            context=ctx if finish in (Finish.LENGTH, Finish.STOP) else None,
-            error=error,
-            queue_seconds=(seq.admitted or now) - seq.arrived,
-            prompt_seconds=seq.prompt_seconds,
-            first_token_seconds=(seq.first_token - seq.arrived) if seq.first_token else 0.0,
-            total_seconds=now - seq.arrived,
-        )
-        if seq.score and error is None:
-            result.score_logprobs = np.concatenate(seq.score_parts) if seq.score_parts else np.zeros(0)
-        seq.result = result
+        seq.result = seq.ending(finish, stop, error, ctx if finish in (Finish.LENGTH, Finish.STOP) else None)
         self.observer.finished(seq)
         self._wakes.add(seq)

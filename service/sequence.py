@@ -97,6 +97,7 @@ class Sequence:
         self.generated = 0
         self.paused = False  # out of the decode batch: its stream buffer is full, or it waits for a slot again
         self.paused_since = 0.0  # when its buffer last filled up (0: not full); the pause limit counts from here
+        self.ready_since = 0.0  # paused, when its reader made room again (0: not waiting for a slot)
         self.holds_slot = False  # counts against max_batch_size (admitted and not paused)
         self.cancel_reason: TextgenError | None = None
         self.own_state = self.context.state  # the state while not part of the decode batch
@@ -109,6 +110,26 @@ class Sequence:
         self.event = asyncio.Event() if self.loop is not None else None
         self.prompt_seconds = 0.0
         self.score_parts: list[np.ndarray] = []
+
+    def ending(self, finish: Finish | None, stop: str, error: TextgenError | None, context: Context | None) -> Result:
+        """The result this sequence ends with (built by the engine when it retires it)."""
+        now = time.monotonic()
+        result = Result(
+            finish=finish if error is None else None,
+            stop=stop,
+            prompt_tokens=int(self.feed.size),
+            generated_tokens=self.generated,
+            seed=self.context.seed,
+            context=context,
+            error=error,
+            queue_seconds=(self.admitted or now) - self.arrived,
+            prompt_seconds=self.prompt_seconds,
+            first_token_seconds=(self.first_token - self.arrived) if self.first_token else 0.0,
+            total_seconds=now - self.arrived,
+        )
+        if self.score and error is None:
+            result.score_logprobs = np.concatenate(self.score_parts) if self.score_parts else np.zeros(0)
+        return result
 
     # -- transport side ------------------------------------------------------------------------------------
     def cancel(self, reason: TextgenError) -> None:

@@ -23,6 +23,7 @@ import pytest
 
 from service.context import Context
 from service.keyring import new_key_line, read_keyring_file
+from service.observer import EngineObserver
 from service.sequence import Finish, Sequence
 from service.snapshots import SnapshotCodec
 from textgen.v1 import textgen_pb2 as pb
@@ -322,3 +323,59 @@ def test_calls_whose_clients_never_read_end_and_give_back_their_place(serve: Cal
     assert live.server.app.metrics.registry.get_sample_value("textgen_request_failures_total", labels) == 3
     for call in held:  # gRPC has no way for a server to reset a stream: the client's cancel (or deadline) ends it
         call.cancel()
+
+
+def test_a_failed_engine_step_ends_every_admitted_sequence_and_the_engine_serves_on(
+    serve: Callable[..., Live], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a step (here: sampling raises once, when a prompt has just left the prefill list and not yet
+    joined the decode batch) fails the calls it touched with INTERNAL and leaks no slot."""
+    import service.engine
+
+    live = serve(max_batch_size=1)
+    real = service.engine.sample_batch
+    calls = []
+
+    def fails_once(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return real(*args)
+
+    monkeypatch.setattr(service.engine, "sample_batch", fails_once)
+    assert rpc_error(live.generate, "the ", max_tokens=5).code() == grpc.StatusCode.INTERNAL
+    wait_until(lambda: live.engine.idle and live.engine.running == 0, "the failed sequence ended")
+    assert live.generate("the ", max_tokens=5).complete.generated_tokens == 5
+
+
+class _StepLog(EngineObserver):
+    """Prompt positions run between decode steps (the engine runs a step's prompts, then its decode)."""
+
+    def __init__(self) -> None:
+        self.per_step: list[int] = [0]
+
+    def step(self, phase: str, batch: int, tokens: int, seconds: float) -> None:
+        if phase == "decode":
+            self.per_step.append(0)
+        else:
+            self.per_step[-1] += tokens
+
+
+def test_the_score_budget_is_shared_by_every_score_call_in_a_step(
+    victim_on: Callable[..., tuple[Live, Victim]],
+) -> None:
+    live, victim = victim_on()
+    budget = 40
+    live.engine.score_step_tokens = budget  # score_step_logits // vocabulary, set small for a tiny vocabulary
+    log = _StepLog()
+    live.engine.observer = log
+    text = "the quick brown fox jumps over the lazy dog\n" * 8
+
+    def attack() -> list[pb.ScoreResponse]:
+        calls = [live.stub.Score.future(pb.ScoreRequest(text=text), timeout=CALL_TIMEOUT) for _ in range(12)]
+        return [c.result() for c in calls]
+
+    replies, gap = victim.largest_gap(attack)
+    assert gap < GAP_BOUND
+    assert len({r.loss for r in replies}) == 1  # however the work was cut, the same result
+    assert sum(log.per_step) >= 12 * len(text) and max(log.per_step) <= budget
