@@ -182,6 +182,7 @@ class App:
     async def _encode(self, model: ServedModel, text: str, field_name: str) -> np.ndarray:
         """``text``'s token ids within the prompt limit (checked before encoding where the length allows it)."""
         limit = self.settings.max_prompt_tokens
+        model.check_length(text, field_name, limit)  # what can be refused without encoding is, before queueing
         if len(text) <= _INLINE_ENCODE_CHARS:
             return model.encode_prompt(text, field_name, limit)
         loop = asyncio.get_running_loop()

@@ -155,3 +155,13 @@ def test_char_counts_split_exactly_as_the_encoder_does() -> None:
     ids = tok.encode(text)
     assert len(ids) == len(text) and tok.unk_id not in ids  # one token per code point, every one known
     assert tok.decode(ids) == text
+
+
+def test_encoding_with_a_limit_stops_at_the_piece_that_crosses_it() -> None:
+    tok = TextTokenizer.build(Level.WORD, count_tokens(Level.WORD, "a b\n"))
+    text = "a b\n" * 250_000  # 1 MB, 750,000 tokens, 16 pieces
+    full = tok.encode_parts(text)
+    limited = tok.encode_parts(text, max_tokens=1000)
+    assert len(full) > 10 and len(limited) == 1 and limited[0].size > 1000
+    assert np.array_equal(limited[0], full[0])
+    assert sum(p.size for p in tok.encode_parts(text, max_tokens=10**6)) == 750_000

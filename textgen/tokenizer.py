@@ -177,13 +177,23 @@ class TextTokenizer:
         parts = self.encode_parts(text)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def encode_parts(self, text: str) -> list[np.ndarray]:
+    def encode_parts(self, text: str, max_tokens: int | None = None) -> list[np.ndarray]:
         """``encode``'s ids, one array per piece of ``_chunks(text)`` (a single piece for short text), so that
-        ``first_unknown`` can find a token's text again by re-reading one piece instead of the whole text."""
+        ``first_unknown`` can find a token's text again by re-reading one piece instead of the whole text. With
+        ``max_tokens``, pieces are encoded one by one and encoding stops after the piece that takes the count
+        past it (a text over a limit costs the limit, not its length)."""
         if len(text) <= _ENCODE_CHUNK_CHARS:
             return [np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)]
-        encodings = self._hf.encode_batch_fast(_chunks(text), add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+        if max_tokens is None:
+            encodings = self._hf.encode_batch_fast(_chunks(text), add_special_tokens=False)
+            return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+        parts, count = [], 0
+        for piece in _chunks(text):
+            parts.append(np.asarray(self._hf.encode(piece, add_special_tokens=False).ids, dtype=np.int64))
+            count += parts[-1].size
+            if count > max_tokens:
+                break
+        return parts
 
     def first_unknown(self, text: str, parts: list[np.ndarray]) -> tuple[int, str] | None:
         """``(character offset, text)`` of the first token of ``text`` (encoded as ``parts``) that maps to
