@@ -16,11 +16,10 @@ from grpc_reflection.v1alpha import reflection
 
 from service.app import App
 from service.models import ModelRegistry
-from service.servicer import Servicer
+from service.servicer import Servicer, add_to_server
 from service.settings import ServerSettings
 from textgen.errors import ConfigError
 from textgen.v1 import textgen_pb2 as pb
-from textgen.v1 import textgen_pb2_grpc as pb_grpc
 
 log = logging.getLogger("textgen.server")
 
@@ -74,7 +73,7 @@ class TextgenServer:
         settings = self.settings
         server = grpc.aio.server(options=_options(settings))
         self.servicer = Servicer(self.app)
-        pb_grpc.add_TextGenerationServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from service.app import App, GenerateSpec, Outcome
 from service.metrics import Call
@@ -21,6 +23,7 @@ from service.sequence import Delta, Finish, Result
 from textgen.errors import (
     CancelledError,
     DeadlineExceededError,
+    InvalidInputError,
     OverloadedError,
     SlowReaderError,
     TextgenError,
@@ -172,6 +175,42 @@ _UNKNOWN_POLICY = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Malformed:
+    """Request bytes that are not a valid message of the method's type (invalid UTF-8 in a string, a truncated
+    field): handed to the handler instead of failing inside gRPC with UNKNOWN, so the call is answered
+    INVALID_ARGUMENT and counted like any other."""
+
+    type_name: str
+    reason: str
+
+
+def _lenient(cls: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError as exc:
+            return Malformed(cls.DESCRIPTOR.full_name, str(exc))
+
+    return parse
+
+
+def add_to_server(servicer: Servicer, server: grpc.aio.Server) -> None:
+    """Register the TextGeneration methods (as the generated ``add_TextGenerationServicer_to_server`` does, but
+    with request parsing that never fails inside gRPC: see ``Malformed``)."""
+    service = pb.DESCRIPTOR.services_by_name["TextGeneration"]
+    handlers = {}
+    for method in service.methods:
+        kind = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 class Servicer(pb_grpc.TextGenerationServicer):
     def __init__(self, app: App) -> None:
         self.app = app
@@ -182,6 +221,8 @@ class Servicer(pb_grpc.TextGenerationServicer):
         call = self._begin(name, request)
         counted = False
         try:
+            if isinstance(request, Malformed):
+                raise InvalidInputError(f"request: not a valid {request.type_name} message ({request.reason})")
             self._check_open()
             counted = True
             self.in_progress += 1

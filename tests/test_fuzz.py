@@ -121,3 +121,30 @@ def test_every_answer_is_ok_or_a_documented_status_naming_the_field(fuzzed: Live
 
 def test_fuzzed_rpc_list_is_the_whole_service() -> None:
     assert sorted(RPCS) == sorted(m.name for m in pb.DESCRIPTOR.services_by_name["TextGeneration"].methods)
+
+
+@pytest.mark.parametrize("rpc", RPCS)
+def test_raw_bytes_are_answered_like_any_request(fuzzed: Live, rpc: str) -> None:
+    """Bytes that are not a valid message (invalid UTF-8 in a string, truncated fields) get INVALID_ARGUMENT
+    naming the request, or parse and get what the message they parse as gets; never UNKNOWN from inside gRPC."""
+    method = pb.DESCRIPTOR.services_by_name["TextGeneration"].methods_by_name[rpc]
+    path = f"/{method.containing_service.full_name}/{rpc}"
+    kind = fuzzed.channel.unary_stream if method.server_streaming else fuzzed.channel.unary_unary
+    call = kind(path, request_serializer=None, response_deserializer=None)
+    invalid_utf8 = pb.GenerateRequest(prompt="x").SerializeToString().replace(b"x", b"\xff")
+
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.binary(max_size=300), st.just(invalid_utf8), st.just(b"\x0a\x05ab")))
+    def check(data: bytes) -> None:
+        try:
+            reply = call(data, timeout=CALL_TIMEOUT)
+            if method.server_streaming:
+                list(reply)
+        except grpc.RpcError as err:
+            assert err.code() in DOCUMENTED, f"{err.code().name}: {err.details()} for {data!r}"
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                first = re.split(r"[:\s,\[]", err.details() or "", maxsplit=1)[0]
+                assert first == "request" or _names_a_field(err.details() or "", method.input_type), err.details()
+
+    check()
+    assert fuzzed.check("") == 1
