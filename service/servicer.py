@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc._cython import cygrpc
 
 from service.app import App, GenerateSpec, Outcome
 from service.metrics import Call
@@ -42,6 +43,10 @@ _FINISH = {
 }
 
 T = TypeVar("T")
+
+# What ``context.write`` raises when the call ended under it (gRPC's own class; a yield-based handler sees the same
+# event as a cancellation, which is what it is).
+_CallEnded = cygrpc.ExecuteBatchError
 
 
 def status_code(error: TextgenError) -> grpc.StatusCode:
@@ -304,6 +309,8 @@ class Servicer(pb_grpc.TextGenerationServicer):
             await asyncio.wait_for(context.write(msg), limit)
         except asyncio.TimeoutError:
             raise SlowReaderError(f"the client read nothing for {limit:g} s (max_pause_seconds)") from None
+        except _CallEnded:  # the client cancelled (or its deadline passed) while the message was being sent
+            raise asyncio.CancelledError from None
 
     @_rpc
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
