@@ -4,9 +4,10 @@ In order of trust:
 1. ``mtls:<subject>``: the client certificate's subject DN (its subject alternative names when the subject is
    empty) when the server runs mutual TLS; the handshake has verified it against the client CA, so the client
    cannot choose it. Metadata is then ignored: a client must not be able to claim another's identity.
-2. ``metadata:<value>``: the ``x-textgen-principal`` request metadata, set by a trusted proxy or gateway in front
-   of the server (an API key's owner, a user id). It is only as trustworthy as that proxy: a client that reaches
-   the server directly can send any value, so such a proxy must replace (not append to) what clients send.
+2. ``metadata:<value>``: the ``x-textgen-principal`` request metadata, only when the server is told to trust it
+   (``trust_principal_metadata``, off by default): set by a trusted proxy or gateway in front of the server (an API
+   key's owner, a user id). It is only as trustworthy as that proxy: a client that reaches the server directly
+   could send any value (and rotate it to escape its quota), so such a proxy must replace what clients send.
 3. ``ip:<address>``: the peer's IP address without the port, so anonymous clients on different hosts do not share
    a quota (all loopback addresses, IPv4 and IPv6, and Unix sockets are one principal, ``ip:loopback``: a local
    client may reach the server over either). Behind a proxy every client has the proxy's address: let the proxy
@@ -28,12 +29,14 @@ MAX_PRINCIPAL_CHARS = 128  # principals are kept per session and echoed in messa
 LOOPBACK = "ip:loopback"
 
 
-def principal_of(context: grpc.aio.ServicerContext) -> str:
+def principal_of(context: grpc.aio.ServicerContext, trust_metadata: bool = False) -> str:
     """The principal of the call ``context`` belongs to (see the module's docstring)."""
     auth = context.auth_context()
     subject = b",".join(auth.get("x509_subject") or auth.get("x509_subject_alternative_name") or ())
     if subject:
         return "mtls:" + subject.decode("utf-8", "replace")
+    if not trust_metadata:
+        return address_principal(context.peer())
     sent = [v for k, v in (context.invocation_metadata() or ()) if k == PRINCIPAL_METADATA_KEY]
     if len(sent) > 1:  # a proxy that appends rather than replaces would let the client's own value through
         raise InvalidInputError(f"{PRINCIPAL_METADATA_KEY}: sent {len(sent)} times; give it once")

@@ -249,6 +249,9 @@ class Servicer(pb_grpc.TextGenerationServicer):
             method, self.app.model_label(getattr(request, "model", ""), getattr(request, "session_id", ""))
         )
 
+    def _principal(self, context: grpc.aio.ServicerContext) -> str:
+        return principal_of(context, self.app.settings.trust_principal_metadata)
+
     def _check_open(self) -> None:
         if self.app.draining:
             raise UnavailableError("server is shutting down; retry on another replica")
@@ -260,7 +263,7 @@ class Servicer(pb_grpc.TextGenerationServicer):
         """Yield (generation, deltas, outcome-or-None) for a generate call. The caller commits the outcome once
         its final message is delivered; however the call ends, the generation is settled here."""
         gen = await self.app.start_generation(
-            _spec(request, principal_of(context)), asyncio.get_running_loop(), context.time_remaining()
+            _spec(request, self._principal(context)), asyncio.get_running_loop(), context.time_remaining()
         )
         try:
             async for deltas, result in self.app.follow(gen):
@@ -354,16 +357,18 @@ class Servicer(pb_grpc.TextGenerationServicer):
     @_rpc
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> Any:
         seed = request.seed if request.HasField("seed") else None
-        return self._session_info(self.app.create_session(request.model, request.snapshot, seed, principal_of(context)))
+        return self._session_info(
+            self.app.create_session(request.model, request.snapshot, seed, self._principal(context))
+        )
 
     @_rpc
     async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext) -> Any:
         seed = request.seed if request.HasField("seed") else None
-        return self._session_info(self.app.fork_session(request.session_id, seed, principal_of(context)))
+        return self._session_info(self.app.fork_session(request.session_id, seed, self._principal(context)))
 
     @_rpc
     async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext) -> Any:
-        self.app.close_session(request.session_id, principal_of(context))
+        self.app.close_session(request.session_id, self._principal(context))
         return pb.CloseSessionResponse()
 
 

@@ -110,6 +110,13 @@ class ServerSettings(BaseSettings):
         "hold; beyond it its own least recently used idle session is evicted, never another client's. It also "
         "gets the same share of session_memory_bytes. Capped at max_sessions (equal to it: no per-client limit)",
     )
+    trust_principal_metadata: bool = Field(
+        False,
+        description="take a call's principal (who owns its sessions and quota) from its x-textgen-principal "
+        "metadata when it has no client certificate: only behind a proxy or gateway that sets it and drops what "
+        "clients send (off: the peer's IP address, so a client cannot claim another's sessions or rotate names "
+        "to escape its quota)",
+    )
     snapshot_key_file: Path | None = Field(
         None,
         description="keyring file for state snapshots: one `key-id:key` a line (hex or base64, at least 256 bits; "

@@ -257,7 +257,7 @@ def test_foreign_tampered_expired_and_retired_snapshots_are_refused(
 def test_one_principal_flooding_the_session_table_cannot_evict_another(
     victim_on: Callable[..., tuple[Live, Victim]],
 ) -> None:
-    live, victim = victim_on(max_sessions=40, max_sessions_per_principal=10)
+    live, victim = victim_on(max_sessions=40, max_sessions_per_principal=10, trust_principal_metadata=True)
     alice, mallory = (("x-textgen-principal", "alice"),), (("x-textgen-principal", "mallory"),)
     kept = live.stub.CreateSession(pb.CreateSessionRequest(seed=1), metadata=alice, timeout=CALL_TIMEOUT).session_id
 
@@ -379,3 +379,13 @@ def test_the_score_budget_is_shared_by_every_score_call_in_a_step(
     assert gap < GAP_BOUND
     assert len({r.loss for r in replies}) == 1  # however the work was cut, the same result
     assert sum(log.per_step) >= 12 * len(text) and max(log.per_step) <= budget
+
+
+def test_principal_metadata_is_ignored_unless_the_server_trusts_it(serve: Callable[..., Live]) -> None:
+    """Without a trusting proxy in front, a client rotating x-textgen-principal values is still one client: its
+    quota holds, and it cannot name itself after another client to reach that client's sessions."""
+    live = serve(max_sessions=40, max_sessions_per_principal=5)
+    for i in range(30):
+        metadata = (("x-textgen-principal", f"rotating-{i}"),)
+        live.stub.CreateSession(pb.CreateSessionRequest(), metadata=metadata, timeout=CALL_TIMEOUT)
+    assert live.on_loop(lambda: len(live.server.app.sessions)) == 5  # one principal, its own quota

@@ -73,7 +73,7 @@ def test_a_call_cancelled_after_the_engine_finished_leaves_the_session_unchanged
 def test_a_client_that_asks_again_the_moment_it_reads_the_final_message_finds_the_session_committed(
     serve: Callable[..., Live],
 ) -> None:
-    live = serve()
+    live = serve(trust_principal_metadata=True)
     metadata = (("x-textgen-principal", OWNER),)
     sid = live.stub.CreateSession(pb.CreateSessionRequest(seed=3), metadata=metadata, timeout=30).session_id
     prompt_tokens = 0

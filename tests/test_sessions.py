@@ -216,7 +216,7 @@ def _as(principal: str) -> tuple[tuple[str, str], ...]:
 
 
 def test_a_flooding_principal_cannot_evict_anothers_session(serve: Callable[..., Live]) -> None:
-    live = serve(max_sessions=4, max_sessions_per_principal=3)
+    live = serve(max_sessions=4, max_sessions_per_principal=3, trust_principal_metadata=True)
     with Client(f"127.0.0.1:{live.server.port}", timeout=CALL_TIMEOUT, principal="bob") as bob:
         kept = bob.create_session(seed=3).session_id
         expected = bob.generate("the ", session_id=kept, max_tokens=8, temperature=0).text
@@ -284,7 +284,7 @@ def test_bad_principal_metadata_is_refused_naming_the_key(live_default: Live) ->
 
 @pytest.fixture
 def live_default(serve: Callable[..., Live]) -> Live:
-    return serve()
+    return serve(trust_principal_metadata=True)
 
 
 # -- mutual TLS -------------------------------------------------------------------------------------------------------
