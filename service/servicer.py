@@ -286,7 +286,11 @@ class Servicer(pb_grpc.TextGenerationServicer):
                     text="".join(parts), logprobs=logprobs, complete=_completion(gen.model, outcome)
                 )
                 # No await between here and the return: a cancel can no longer reach this call, and the reply is
-                # the transport's one final write.
+                # the transport's one final write. A reply at the edge of its deadline is not sent (and changes
+                # nothing): the client's own deadline is about to fire, and it would see DEADLINE_EXCEEDED for a
+                # call that had changed its session.
+                if _deadline_passed(context):
+                    raise DeadlineExceededError("deadline exceeded")
                 self.app.commit(gen)
                 return reply
         raise AssertionError("generation ended without a result")
