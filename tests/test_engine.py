@@ -101,3 +101,49 @@ def test_an_unread_stream_stops_at_its_buffer_resumes_when_read_and_is_cancelled
         engine.stop()
     deltas, _ = read.take()
     assert text == "".join(d.text for d in deltas)
+
+
+def test_slow_readers_all_end_in_the_same_step_under_the_cancel_policy(served_bundle: Path) -> None:
+    """Three unread streams prefilled together fill their buffers in the same step, and under the cancel policy all
+    three end in that step (the engine once removed from the list it was walking, skipping every other one)."""
+    engine = _engine(served_bundle, slow_reader_policy="cancel", stream_buffer_tokens=2)
+    model = engine.model
+    prompt = np.array(model.tokenizer.encode("the qu"), np.int64)
+    seqs = [Sequence(context=Context.fresh(model, seed=i), feed=prompt.copy(), max_tokens=100) for i in range(3)]
+    steps: list[int] = []
+    ends: dict[int, int] = {}
+
+    class Count(type(engine.observer)):  # type: ignore[misc]
+        def step(self, phase: str, batch: int, tokens: int, seconds: float) -> None:
+            steps.append(batch)
+            if phase == "prompt":
+                assert batch == 3
+
+        def finished(self, seq: Sequence) -> None:
+            ends[seq.id] = len(steps)
+
+    engine.observer = Count()
+    for seq in seqs:
+        engine.submit(seq)  # queued before the thread starts: admitted, and prefilled, together
+    engine.start()
+    try:
+        wait_until(lambda: all(s.result is not None for s in seqs), "the readers' streams ended")
+    finally:
+        engine.stop()
+    assert all(s.result is not None and s.result.finish is Finish.SLOW_READER for s in seqs)
+    assert len(set(ends.values())) == 1  # all in the same step
+    # nobody reads: each has exactly its buffer's worth of tokens
+    assert [s.generated for s in seqs] == [2, 2, 2]
+
+
+def test_each_row_of_a_batched_prompt_owns_its_state(served_bundle: Path) -> None:
+    engine = _engine(served_bundle)  # not started: one prompt chunk, run here
+    model = engine.model
+    prompt = np.array(model.tokenizer.encode("the qu"), np.int64)
+    seqs = [Sequence(context=Context.fresh(model, seed=i), feed=prompt.copy(), max_tokens=5) for i in range(3)]
+    engine._prefill.extend(seqs)
+    ready = engine._prefill_chunk(seqs, prompt.size)
+    assert [s for s, _ in ready] == seqs
+    # copies, not views into the batch's arrays (which a view would keep alive, and alias)
+    assert all(part.base is None and part.shape[1] == 1 for s in seqs for part in s.own_state)
+    assert not np.array_equal(seqs[0].own_state[0], np.zeros_like(seqs[0].own_state[0]))
