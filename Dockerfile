@@ -35,13 +35,14 @@ FROM runtime AS serve-build
 WORKDIR /src
 # Dependencies first, from pyproject.toml alone: a code edit rebuilds only the layers after `COPY textgen`.
 COPY pyproject.toml deploy/requirements.py ./
+# onnxruntime-gpu (the gpu extra), which also runs on the CPU.
 # CUDA_LIBS: the CUDA runtime and cuDNN wheels that onnxruntime-gpu's CUDAExecutionProvider loads (about 2 GB
 # from PyPI). On for the production image. The CI override (deploy/docker-compose.ci.yml) sets it to "" so a CI
-# run does not download gigabytes; the server there runs on CPUExecutionProvider (it skips unavailable ones).
+# run does not download gigabytes; the server there runs on CPUExecutionProvider.
 ARG CUDA_LIBS="onnxruntime-gpu[cuda,cudnn]"
 # CUDA_LIBS is unquoted on purpose: a space-separated list of requirements, possibly empty.
 # hadolint ignore=SC2086
-RUN python requirements.py serve > requirements.txt \
+RUN python requirements.py serve gpu > requirements.txt \
     && pip install "setuptools>=77" -r requirements.txt $CUDA_LIBS
 COPY --from=source /src ./
 RUN pip install --no-deps --no-build-isolation .
@@ -52,10 +53,11 @@ WORKDIR /src
 COPY pyproject.toml deploy/requirements.py ./
 # torch first and pinned, as the README installs it; the project's torch range then adds nothing. From PyPI this
 # is the CUDA build of torch with its own CUDA wheels, so the trainer uses a GPU when it is given one.
+# The exporter verifies bundles on ONNX Runtime's CPU provider: the 24 MB CPU runtime (the cpu extra) is enough.
 ARG TORCH="torch==2.13.0"
 # hadolint ignore=DL3013
 RUN pip install "$TORCH" \
-    && python requirements.py train serve > requirements.txt \
+    && python requirements.py train serve cpu > requirements.txt \
     && pip install "setuptools>=77" -r requirements.txt
 COPY --from=source /src ./
 RUN pip install --no-deps --no-build-isolation .

@@ -9,15 +9,18 @@ STEPS ?= 1000
 BUNDLES ?= bundles
 MODEL ?= default
 PORT ?= 50051
+ONNXRUNTIME ?= gpu
 
 .PHONY: serve sample test install lint proto clean bench
 
 # torch goes first, pinned: the local CPU wheel; the project's torch range then installs nothing more.
+# ONNXRUNTIME=cpu installs the 24 MB CPU-only runtime instead of onnxruntime-gpu (in a fresh .venv: never both).
 $(BIN)/.installed: pyproject.toml
+	@case '$(ONNXRUNTIME)' in cpu|gpu) ;; *) echo "ONNXRUNTIME must be cpu or gpu, not '$(ONNXRUNTIME)'" >&2; exit 1;; esac
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[train,serve,dev,bench]'
+	$(BIN)/pip install --quiet -e '.[train,serve,$(ONNXRUNTIME),dev,bench]'
 	touch $@
 
 install: $(BIN)/.installed

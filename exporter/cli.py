@@ -19,18 +19,20 @@ def register(commands: Any) -> None:
     p.add_argument("checkpoint", type=Path, nargs="?", help="a .pt checkpoint (e.g. runs/default/best.pt)")
     p.add_argument("--out", type=Path, metavar="BUNDLE_DIR", help="new bundle directory, e.g. bundles/default/1")
     p.add_argument(
-        "--quantize",
-        choices=("int8",),
+        "--precision",
+        choices=("fp32", "fp16", "int8"),
         default=None,
-        help="publish an int8 (dynamic quantization, for CPU serving) bundle with its measured quality "
-        "change in the manifest (default: fp32)",
+        help="fp32 (default); fp16, for GPU serving (every float tensor in float16, the state and logits "
+        "included; parity within 1%% of the values' scale); int8, dynamic quantization for CPU serving. fp16 and "
+        "int8 record their measured quality change in the manifest",
     )
+    p.add_argument("--quantize", choices=("int8",), default=None, help="the same as --precision int8")
     p.add_argument(
         "--quality-tokens",
         type=int,
         default=20_000,
         metavar="N",
-        help="held-out tokens used to measure an int8 bundle's quality change (default: 20000)",
+        help="held-out tokens used to measure an fp16 or int8 bundle's quality change (default: 20000)",
     )
     p.add_argument(
         "--verify-only",
@@ -54,7 +56,10 @@ def _export(args: argparse.Namespace) -> int:
         raise ConfigError("give a CHECKPOINT and --out BUNDLE_DIR (or --verify-only BUNDLE_DIR)")
     from exporter.publish import export_bundle
 
-    manifest = export_bundle(args.checkpoint, args.out, args.quantize, args.quality_tokens)
+    if args.precision is not None and args.quantize is not None and args.precision != args.quantize:
+        raise ConfigError(f"--quantize {args.quantize} contradicts --precision {args.precision}: give one")
+    precision = args.precision or args.quantize or "fp32"
+    manifest = export_bundle(args.checkpoint, args.out, precision, args.quality_tokens)
     v = manifest.verification
     print(
         f"exported {manifest.name}/{manifest.version} ({manifest.graph.precision}) to {args.out}: "

@@ -17,7 +17,15 @@ import onnx
 import torch
 
 from exporter.graph import OPSET, export_onnx, input_names, output_names
-from exporter.verify import FP32_TOLERANCE, ParityReport, check_graph, check_parity, cpu_session
+from exporter.verify import (
+    FP32_TOLERANCE,
+    ParityReport,
+    check_graph,
+    check_parity,
+    cpu_session,
+    fp16_tolerance,
+    require_parity,
+)
 from service.bundle import load_bundle, sha256_file
 from service.manifest import (
     DETOKENIZE_RULES,
@@ -46,17 +54,18 @@ def _source_revision() -> str | None:
     return out.stdout.strip() or None
 
 
-def _io_specs(model: RNNLanguageModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _io_specs(model: RNNLanguageModel, precision: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     cfg = model.config
     names = cfg.state_names
     state_shape = [cfg.num_layers, "batch", cfg.hidden_size]
+    real = "float16" if precision == "fp16" else "float32"  # int8 keeps float32 I/O (only weights are int8)
     inputs = [
         {"name": "tokens", "dtype": "int64", "shape": ["batch", "time"]},
         {"name": "positions", "dtype": "int64", "shape": ["positions"]},
     ]
-    inputs += [{"name": n, "dtype": "float32", "shape": state_shape} for n in names]
-    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "positions", cfg.vocab_size]}]
-    outputs += [{"name": f"{n}_out", "dtype": "float32", "shape": state_shape} for n in names]
+    inputs += [{"name": n, "dtype": real, "shape": state_shape} for n in names]
+    outputs = [{"name": "logits", "dtype": real, "shape": ["batch", "positions", cfg.vocab_size]}]
+    outputs += [{"name": f"{n}_out", "dtype": real, "shape": state_shape} for n in names]
     assert [i["name"] for i in inputs] == input_names(names)
     assert [o["name"] for o in outputs] == output_names(names)
     return inputs, outputs
@@ -76,7 +85,7 @@ def build_manifest(
     quality: dict[str, Any] | None = None,
 ) -> Manifest:
     cfg = model.config
-    inputs, outputs = _io_specs(model)
+    inputs, outputs = _io_specs(model, precision)
     metrics = ckpt.get("metrics", {})
     return Manifest.model_validate(
         {
@@ -137,7 +146,8 @@ def build_manifest(
 def export_bundle(
     checkpoint_path: Path, out_dir: Path, quantize: str | None = None, quality_tokens: int = 20_000
 ) -> Manifest:
-    """Export ``checkpoint_path`` to the bundle directory ``out_dir`` (``<name>/<version>``)."""
+    """Export ``checkpoint_path`` to the bundle directory ``out_dir`` (``<name>/<version>``). ``quantize`` picks the
+    precision: None or "fp32", "int8" (dynamic quantization, CPU) or "fp16" (GPU)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise BundleError(f"{out_dir} already exists: bundle versions are immutable, export to a new version")
@@ -153,7 +163,7 @@ def export_bundle(
     check_graph(onnx_bytes)
     fp32_session = cpu_session(onnx_bytes)
     quality = None
-    if quantize is None:
+    if quantize in (None, "fp32"):
         precision, tolerance = "fp32", FP32_TOLERANCE
         parity = check_parity(model, fp32_session, tolerance)
         graph_bytes = onnx_bytes
@@ -166,8 +176,20 @@ def export_bundle(
         check_parity(model, fp32_session, FP32_TOLERANCE)  # the source graph itself must be right
         parity = check_parity(model, cpu_session(graph_bytes), None)
         quality = measure_quality(ckpt, fp32_session, cpu_session(graph_bytes), quality_tokens)
+    elif quantize == "fp16":
+        from exporter.quantize import convert_fp16, measure_quality
+
+        precision = "fp16"
+        graph_bytes = convert_fp16(onnx_bytes)
+        check_graph(graph_bytes)
+        check_parity(model, fp32_session, FP32_TOLERANCE)
+        fp16_session = cpu_session(graph_bytes)
+        parity = check_parity(model, fp16_session, None)
+        tolerance = fp16_tolerance(parity.scale)
+        require_parity(parity, tolerance)
+        quality = measure_quality(ckpt, fp32_session, fp16_session, quality_tokens)
     else:
-        raise BundleError(f"unknown quantization {quantize!r}: choose int8")
+        raise BundleError(f"unknown precision {quantize!r}: choose fp32, fp16 or int8")
 
     make_directories_durably(out_dir.parent)
     # The staging directory is a sibling (a rename within one filesystem is atomic) whose name a model

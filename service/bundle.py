@@ -9,13 +9,14 @@ import hashlib
 import json
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnxruntime as ort
 from pydantic import ValidationError
 
 from service.manifest import FORMAT_VERSION, MANIFEST, Manifest, TensorSpec, plain_file_name
+from service.providers import ProviderChoice, cpu_only
 from textgen.errors import BundleError, InvalidInputError
 from textgen.tokenizer import TextTokenizer
 
@@ -28,6 +29,8 @@ class Bundle:
     manifest: Manifest
     tokenizer: TextTokenizer
     session: ort.InferenceSession
+    # The providers the session really runs on, its device and CUDA options (see service.providers).
+    execution: ProviderChoice = field(default_factory=cpu_only)
 
     @property
     def providers(self) -> list[str]:
@@ -145,10 +148,12 @@ def _check_io(kind: str, actual: list[ort.NodeArg], expected: list[TensorSpec], 
 
 def load_bundle(
     bundle_dir: Path | str,
-    providers: list[str] | None = None,
+    providers: ProviderChoice | None = None,
     session_options: ort.SessionOptions | None = None,
 ) -> Bundle:
-    """Validate a bundle and open its ONNX Runtime session (CPU unless ``providers`` says otherwise).
+    """Validate a bundle and open its ONNX Runtime session (CPU unless ``providers`` says otherwise). The choice is
+    checked against the bundle's precision before the session is made and against the session's active providers
+    after (``ProviderChoice.for_precision``, ``confirm``).
 
     No symbolic links: the bundle directory itself, its manifest and every file must be real (the directories
     above it are the operator's configuration and are not checked)."""
@@ -169,14 +174,14 @@ def load_bundle(
             f"{bundle_dir}: tokenizer has {tokenizer.vocab_size} tokens, the model {manifest.model.vocab_size}"
         )
     graph_path = bundle_dir / manifest.graph.file
+    choice = (providers or cpu_only()).for_precision(manifest.graph.precision, bundle_dir)
     try:
         session = ort.InferenceSession(
-            contents[manifest.graph.file],
-            sess_options=session_options,
-            providers=providers or ["CPUExecutionProvider"],
+            contents[manifest.graph.file], sess_options=session_options, providers=choice.ort_providers
         )
     except Exception as exc:  # ORT raises its own exception types for unreadable graphs
         raise BundleError(f"{graph_path}: ONNX Runtime cannot load the graph: {str(exc).splitlines()[0]}") from None
     _check_io("inputs", session.get_inputs(), manifest.graph.inputs, graph_path)
     _check_io("outputs", session.get_outputs(), manifest.graph.outputs, graph_path)
-    return Bundle(bundle_dir, manifest, tokenizer, session)
+    execution = choice.confirm(session.get_providers(), bundle_dir)
+    return Bundle(bundle_dir, manifest, tokenizer, session, execution=execution)

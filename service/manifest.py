@@ -56,7 +56,7 @@ class _Strict(BaseModel):
 
 class TensorSpec(_Strict):
     name: str
-    dtype: Literal["int64", "float32"]
+    dtype: Literal["int64", "float32", "float16"]
     shape: list[int | str] = Field(description="fixed sizes as integers, dynamic axes by name")
 
 
@@ -90,7 +90,7 @@ class GraphInfo(_Strict):
 
 
 class QualityChange(_Strict):
-    """How a derived bundle (int8) compares with the fp32 model on held-out text."""
+    """How a derived bundle (int8, fp16) compares with the fp32 model on held-out text."""
 
     reference_precision: str
     split: str
@@ -108,8 +108,9 @@ class Verification(_Strict):
     max_abs_logit_diff: float
     continuation_max_abs_diff: float
     tolerance: float | None = Field(
-        description="parity bound vs torch; None for a quantised graph, which is "
-        "judged by its measured quality change instead"
+        description="absolute parity bound vs torch: 1e-4 for fp32; for fp16 1 % of the largest |value| torch "
+        "computed in the run (at least 0.01); None for an int8 graph, which is judged by its measured quality "
+        "change instead"
     )
     batch_sizes: list[int]
     lengths: list[int]

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from service.bundle import Bundle, load_bundle
 from service.manifest import MANIFEST, is_version_dir_name
+from service.providers import choose_providers, session_options
 from service.settings import ServerSettings
 from textgen.errors import BundleError, InvalidInputError, NotFoundError
 
@@ -122,31 +122,10 @@ class ServedModel:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def session_options(settings: ServerSettings) -> ort.SessionOptions:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = settings.intra_op_threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.intra_op_spinning else "0")
-    return opts
-
-
-def _providers(settings: ServerSettings) -> list[str]:
-    available = set(ort.get_available_providers())
-    wanted = [p for p in settings.providers if p in available]
-    unknown = [p for p in settings.providers if p not in available]
-    if unknown:
-        log.info("execution providers not in this ONNX Runtime build, skipped: %s", ", ".join(unknown))
-    return wanted or ["CPUExecutionProvider"]
-
-
 def _open(path: Path, settings: ServerSettings) -> ServedModel:
-    wanted = _providers(settings)
-    bundle = load_bundle(path, providers=wanted, session_options=session_options(settings))
+    # providers: chosen (auto, or the named ones checked), then confirmed active by the loader (service.providers)
+    bundle = load_bundle(path, providers=choose_providers(settings), session_options=session_options(settings))
     used = bundle.providers
-    if wanted[0] not in used:
-        # e.g. onnxruntime-gpu on a machine without CUDA: ORT logs an error and silently runs on the CPU.
-        log.warning("model %s: %s was requested but the session runs on %s", path, wanted[0], ", ".join(used))
     policy = settings.unknown_tokens
     if policy == "auto":
         policy = "reject" if bundle.manifest.tokenizer.level == "char" else "map"

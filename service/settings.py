@@ -47,9 +47,27 @@ class ServerSettings(BaseSettings):
     keepalive_seconds: float = Field(60.0, gt=0, description="HTTP/2 keepalive ping interval")
     # -- engine --------------------------------------------------------------------------------------------
     providers: Annotated[list[str], NoDecode] = Field(
-        ["CUDAExecutionProvider", "CPUExecutionProvider"],
-        description="ONNX Runtime execution providers in priority order (comma-separated); "
-        "unavailable ones are skipped and the ones really used are reported",
+        ["auto"],
+        description="ONNX Runtime execution providers in priority order (comma-separated), or auto: CUDA then CPU "
+        "where an NVIDIA GPU is present (a /dev/nvidiaN device), else CPU, and int8 bundles on CPU. Each provider "
+        "named must be active in every session, else the server does not start (see provider_fallback); the ones "
+        "really used are logged and reported",
+    )
+    provider_fallback: bool = Field(
+        False,
+        description="when a provider named in providers is missing from this ONNX Runtime build or fails to start "
+        "(e.g. CUDA without a GPU), log one warning and run on the providers that are active instead of refusing "
+        "to start",
+    )
+    cuda_device_id: int = Field(0, ge=0, description="GPU the CUDA (and TensorRT) provider runs on")
+    cuda_memory_limit_bytes: int = Field(
+        0, ge=0, description="most GPU memory the CUDA provider's arena may take, in bytes (0: no limit)"
+    )
+    cuda_graphs: bool = Field(
+        False,
+        description="CUDA provider: capture each graph call as a CUDA graph and replay it (enable_cuda_graph), "
+        "saving kernel launches per step. Needs fixed input shapes, so one captured graph per batch-size bucket, "
+        "inputs and outputs bound with IOBinding, every node on CUDA and no concurrent runs of a session",
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per core)")
     intra_op_spinning: bool = Field(
@@ -146,6 +164,15 @@ class ServerSettings(BaseSettings):
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _auto_alone(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one execution provider, or auto")
+        if "auto" in value and len(value) > 1:
+            raise ValueError("auto chooses the providers itself: give auto alone, or name the providers")
         return value
 
     @field_validator("snapshot_key_file")
