@@ -29,6 +29,7 @@ class Bundle:
     manifest: Manifest
     tokenizer: TextTokenizer
     session: ort.InferenceSession
+    graph: bytes | None = None  # the verified graph's bytes, kept only when the loader was asked to
     # The providers the session really runs on, its device and CUDA options (see service.providers).
     execution: ProviderChoice = field(default_factory=cpu_only)
 
@@ -150,6 +151,7 @@ def load_bundle(
     bundle_dir: Path | str,
     providers: ProviderChoice | None = None,
     session_options: ort.SessionOptions | None = None,
+    keep_graph: bool = False,
 ) -> Bundle:
     """Validate a bundle and open its ONNX Runtime session (CPU unless ``providers`` says otherwise). The choice is
     checked against the bundle's precision before the session is made and against the session's active providers
@@ -184,4 +186,5 @@ def load_bundle(
     _check_io("inputs", session.get_inputs(), manifest.graph.inputs, graph_path)
     _check_io("outputs", session.get_outputs(), manifest.graph.outputs, graph_path)
     execution = choice.confirm(session.get_providers(), bundle_dir)
-    return Bundle(bundle_dir, manifest, tokenizer, session, execution=execution)
+    graph = contents[manifest.graph.file] if keep_graph else None
+    return Bundle(bundle_dir, manifest, tokenizer, session, graph, execution=execution)

@@ -4,25 +4,27 @@ configured execution providers, and the graph call the engine makes (tokens + st
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from service.batch_state import BatchState, State, step_sessions
 from service.bundle import Bundle, load_bundle
 from service.manifest import MANIFEST, is_version_dir_name
 from service.providers import choose_providers, session_options
 from service.settings import ServerSettings
+from service.slotted_graph import SLOTS, pool_name, pool_out_name
 from textgen.errors import BundleError, InvalidInputError, NotFoundError
 
 log = logging.getLogger("textgen.models")
 
-State = tuple[np.ndarray, ...]  # one array per state input, each [layers, batch, hidden]
-
 
 @dataclass
 class ServedModel:
-    """One bundle ready to run: the session, its tokenizer and what the engine needs to know of its graph."""
+    """One bundle ready to run: its step sessions (``service.slotted_graph``), its tokenizer and what the engine
+    needs to know of its graph. The bundle's own session is replaced by the step graph's: the weights are held
+    once."""
 
     bundle: Bundle
     unknown_policy: str  # "map" or "reject"
@@ -33,7 +35,11 @@ class ServedModel:
         m = self.bundle.manifest
         self.state_names = list(m.graph.state)
         self.tokenizer_sha256 = m.files[m.tokenizer.file]
-        self._outputs = ["logits", *(f"{s}_out" for s in self.state_names)]
+        spec = {t.name: t.dtype for t in m.graph.inputs}
+        self.state_dtype = np.dtype(spec[self.state_names[0]])  # float32, or float16 for an fp16 bundle
+        self.sessions = step_sessions(self.bundle, self.state_names)
+        self.bundle = replace(self.bundle, session=self.sessions.step, graph=None)
+        self._outputs = ["logits", *(pool_out_name(s) for s in self.state_names)]
 
     @property
     def name(self) -> str:
@@ -58,7 +64,8 @@ class ServedModel:
 
     @property
     def state_bytes(self) -> int:
-        """Bytes of one sequence's recurrent state (float32): fixed per model, whatever the history length."""
+        """Bytes of one sequence's recurrent state as the server keeps it on the host (float32): fixed per model,
+        whatever the history length."""
         layers, hidden = self.state_shape
         return len(self.state_names) * layers * hidden * 4
 
@@ -66,20 +73,50 @@ class ServedModel:
         layers, hidden = self.state_shape
         return tuple(np.zeros((layers, batch, hidden), np.float32) for _ in self.state_names)
 
+    def batch_state(self, capacity: int, static_shapes: bool = False) -> BatchState:
+        """Device-resident state for ``capacity`` sequences (the engine's decode batch); ``static_shapes`` pads
+        decode steps to power-of-two buckets, as CUDA graphs need (implied by them)."""
+        return BatchState(
+            self.sessions,
+            self.state_names,
+            self.state_shape,
+            self.state_dtype.type,
+            self.vocab_size,
+            capacity,
+            static_shapes,
+        )
+
     def run(self, tokens: np.ndarray, positions: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        """One graph call: ``tokens`` [batch, time] from ``state``; logits [batch, len(positions), vocab] at the
-        given time positions, and the state after the last token."""
-        feeds = {"tokens": tokens, "positions": positions}
-        feeds.update(zip(self.state_names, state, strict=True))
-        logits, *new_state = self.bundle.session.run(self._outputs, feeds)
-        return logits, tuple(new_state)
+        """One graph call from host arrays, outside the engine (warm-up, tools): ``tokens`` [batch, time] from
+        ``state``; logits [batch, len(positions), vocab] at the given time positions, and the state after the
+        last token (float32). The step graph runs with a pool of exactly this batch."""
+        batch = tokens.shape[0]
+        feeds = {"tokens": tokens, "positions": positions, SLOTS: np.arange(batch, dtype=np.int64)}
+        for name, s in zip(self.state_names, state, strict=True):
+            feeds[pool_name(name)] = np.ascontiguousarray(s, dtype=self.state_dtype)
+        logits, *pools = self.sessions.step.run(self._outputs, feeds)
+        return logits, tuple(p.astype(np.float32, copy=False) for p in pools)
 
     def warm_up(self) -> None:
         """Run a prompt-shaped and a step-shaped call once, so the first request does not pay for ONNX Runtime's
-        first-run allocations (about 15 ms on CPU)."""
+        first-run allocations (about 15 ms on CPU), and check that the device-resident path updates its pool in
+        place exactly as the host path computes it."""
         start = np.full((1, 2), self.tokenizer.start_id, np.int64)
         self.run(start, np.array([1]), self.zero_state(1))
-        self.run(start[:, :1], np.array([0]), self.zero_state(1))
+        logits, after = self.run(start[:, :1], np.array([0]), self.zero_state(1))
+        pool = self.batch_state(2)
+        pool.put([0, 1], self.zero_state(2))
+        step_logits = pool.run(start[:, :1], np.array([0]), np.array([1]))
+        moved, still = pool.take([1]), pool.take([0])
+        if not (
+            np.array_equal(step_logits, logits)
+            and all(np.array_equal(a, b) for a, b in zip(moved, after, strict=True))
+            and not any(s.any() for s in still)
+        ):
+            raise BundleError(
+                f"model {self.name}: the device-resident state update disagrees with the host computation on "
+                f"{', '.join(self.bundle.providers)} (ScatterND not updated in place?)"
+            )
 
     def check_length(self, text: str, field_name: str, max_tokens: int) -> None:
         """Refuse a text that surely holds more than ``max_tokens`` tokens, in O(1) or one C-speed scan, before
@@ -124,7 +161,9 @@ class ServedModel:
 
 def _open(path: Path, settings: ServerSettings) -> ServedModel:
     # providers: chosen (auto, or the named ones checked), then confirmed active by the loader (service.providers)
-    bundle = load_bundle(path, providers=choose_providers(settings), session_options=session_options(settings))
+    bundle = load_bundle(
+        path, providers=choose_providers(settings), session_options=session_options(settings), keep_graph=True
+    )
     used = bundle.providers
     policy = settings.unknown_tokens
     if policy == "auto":

@@ -99,8 +99,9 @@ class Sequence:
         self.paused_since = 0.0  # when its buffer last filled up (0: not full); the pause limit counts from here
         self.ready_since = 0.0  # paused, when its reader made room again (0: not waiting for a slot)
         self.holds_slot = False  # counts against max_batch_size (admitted and not paused)
+        self.slot = -1  # while it holds one: its row of the device-resident batch state
         self.cancel_reason: TextgenError | None = None
-        self.own_state = self.context.state  # the state while not part of the decode batch
+        self.own_state = self.context.state  # the state (host) while it holds no slot: before admission, paused
         self.stop_matcher = StopMatcher(self.stops)
         self.outbox: deque[Delta] = deque()
         # Tokens put in / taken out of the outbox; each counter has one writer thread, so no lock is needed.

@@ -64,11 +64,11 @@ class Gate:
     waits (queued, or in flight for the sequence whose call is held)."""
 
     def __init__(self, engine: Engine) -> None:
-        self._model = engine.model
-        self._run = engine.model.run
+        self._state = engine.state
+        self._run = engine.state.run
         self.entered = threading.Event()
         self._open = threading.Event()
-        self._model.run = self._held  # type: ignore[method-assign]
+        self._state.run = self._held  # type: ignore[method-assign]
 
     def _held(self, *args: Any) -> Any:
         self.entered.set()
@@ -81,7 +81,7 @@ class Gate:
 
     def release(self) -> None:
         self._open.set()
-        self._model.__dict__.pop("run", None)
+        self._state.__dict__.pop("run", None)
 
 
 class Live:

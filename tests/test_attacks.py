@@ -366,7 +366,7 @@ def test_the_score_budget_is_shared_by_every_score_call_in_a_step(
 ) -> None:
     live, victim = victim_on()
     budget = 40
-    live.engine.score_step_tokens = budget  # score_step_logits // vocabulary, set small for a tiny vocabulary
+    live.engine.scheduler.score_step_tokens = budget  # score_step_logits // vocabulary, set small for a tiny vocabulary
     log = _StepLog()
     live.engine.observer = log
     text = "the quick brown fox jumps over the lazy dog\n" * 8

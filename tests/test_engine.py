@@ -134,16 +134,3 @@ def test_slow_readers_all_end_in_the_same_step_under_the_cancel_policy(served_bu
     assert len(set(ends.values())) == 1  # all in the same step
     # nobody reads: each has exactly its buffer's worth of tokens
     assert [s.generated for s in seqs] == [2, 2, 2]
-
-
-def test_each_row_of_a_batched_prompt_owns_its_state(served_bundle: Path) -> None:
-    engine = _engine(served_bundle)  # not started: one prompt chunk, run here
-    model = engine.model
-    prompt = np.array(model.tokenizer.encode("the qu"), np.int64)
-    seqs = [Sequence(context=Context.fresh(model, seed=i), feed=prompt.copy(), max_tokens=5) for i in range(3)]
-    engine._prefill.extend(seqs)
-    ready = engine._prefill_chunk(seqs, prompt.size)
-    assert [s for s, _ in ready] == seqs
-    # copies, not views into the batch's arrays (which a view would keep alive, and alias)
-    assert all(part.base is None and part.shape[1] == 1 for s in seqs for part in s.own_state)
-    assert not np.array_equal(seqs[0].own_state[0], np.zeros_like(seqs[0].own_state[0]))

@@ -16,8 +16,15 @@ from exporter import verify as verify_module
 from exporter.publish import export_bundle, verify_bundle
 from exporter.verify import FP16_RELATIVE_TOLERANCE, run_graph
 from service.bundle import load_bundle
+from service.context import Context
+from service.engine import Engine
+from service.models import ModelRegistry
+from service.sequence import Finish, Sequence
+from service.settings import ServerSettings
 from textgen.errors import BundleError
 from training.checkpoint import load_checkpoint, model_from_checkpoint
+
+from live_server import wait_until
 
 TEXTGEN = [sys.executable, "-m", "textgen.cli"]
 
@@ -94,3 +101,22 @@ def test_the_cli_takes_one_precision(tmp_path: Path, trained_run: Path) -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().endswith("--quantize int8 contradicts --precision fp16: give one")
+
+
+def test_an_fp16_bundle_is_served_with_float16_state_on_the_device(fp16_bundle: Path) -> None:
+    """The server keeps an fp16 bundle's state slots in float16 and hands sessions and snapshots float32 rows
+    (float16 -> float32 is exact, so a snapshot resumes bit for bit)."""
+    settings = ServerSettings(bundle=fp16_bundle, providers=["CPUExecutionProvider"])
+    engine = Engine(next(iter(ModelRegistry.load(settings))), settings)
+    model = engine.model
+    assert model.state_dtype == np.float16 and engine.state.dtype == np.float16
+    seq = Sequence(context=Context.fresh(model, 7), feed=np.array(model.tokenizer.encode("the qu")), max_tokens=12)
+    engine.submit(seq)
+    engine.start()
+    try:
+        wait_until(lambda: seq.result is not None, "the fp16 generation ended")
+    finally:
+        engine.stop()
+    assert seq.result.finish is Finish.LENGTH and seq.generated == 12
+    state = seq.result.context.state
+    assert all(s.dtype == np.float32 and np.array_equal(s, s.astype(np.float16)) for s in state)

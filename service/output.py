@@ -1,0 +1,93 @@
+"""What a step's sampled tokens become for their clients: text pieces (from lookup tables, not per-token
+tokenizer calls), stop strings (matched only for rows that have stops), log-probabilities (only for rows that
+ask), the stream pacing that decides when a row's client is woken, and which rows are done.
+
+Runs on the engine thread, once per step over all rows: the per-row work left is appending to each row's outbox
+and its counters."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from service.logprobs import token_logprobs
+from service.observer import EngineObserver
+from service.sequence import Delta, Finish, Sequence, TokenLogprob
+from service.wakes import Wakes
+from textgen.tokenizer import Level, TextTokenizer
+
+Done = tuple[Sequence, Finish, str]  # a sequence that finished this step, how, and the stop string if any
+
+
+class TokenText:
+    """Every token's text piece, precomputed: a character model's piece is its character; a word model's is the
+    word with a leading space unless it starts a line, and ``<eos>`` is a line break."""
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        ids = range(tokenizer.vocab_size)
+        self.char = tokenizer.level is Level.CHAR
+        self.eos = -1 if self.char or tokenizer.eos_id is None else tokenizer.eos_id
+        inside = 1 if self.eos == 0 else 0  # any token that does not end a line
+        self.bare = [tokenizer.piece(i, None) for i in ids]  # at the start of a line
+        self.spaced = self.bare if self.char else [tokenizer.piece(i, inside) for i in ids]
+        self.names = tokenizer.id_to_token
+
+    def piece(self, token: int, previous: int | None) -> str:
+        return self.bare[token] if previous is None or previous == self.eos else self.spaced[token]
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: TextTokenizer, observer: EngineObserver, wakes: Wakes, max_interval: int) -> None:
+        self.text = TokenText(tokenizer)
+        self.observer = observer
+        self.wakes = wakes
+        self.max_interval = max_interval
+
+    def stream_interval(self, running: int) -> int:
+        """Tokens gathered per stream message at this batch size. A message costs the transport (and the client)
+        about as much CPU as a small model's whole decode step, so with ``running`` streams each sends every
+        ``running``-th token: about one message per step in all, whatever the concurrency, up to
+        ``max_interval`` tokens per message (vLLM's stream interval, sized by the batch). A single stream gets
+        every token as it is sampled, and every stream its first token at once."""
+        return max(1, min(self.max_interval, running))
+
+    def emit(self, rows: list[Sequence], tokens: np.ndarray, logits: np.ndarray) -> list[Done]:
+        """Hand each row its sampled token; return the rows that are done."""
+        interval = self.stream_interval(len(rows))
+        wanted = [i for i, s in enumerate(rows) if s.logprobs]
+        chosen = dict(zip(wanted, token_logprobs(logits[wanted], tokens[wanted]).tolist(), strict=True))
+        now = time.monotonic()
+        text = self.text
+        done: list[Done] = []
+        gaps: list[float] = []
+        for i, (seq, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            seq.context.seen[token] = True
+            if seq.generated:
+                gaps.append(now - seq.last_token)
+            else:
+                seq.first_token = now
+                self.observer.first_token(now - seq.arrived)
+            seq.last_token = now
+            seq.generated += 1
+            seq.next_token = token
+            piece = text.piece(token, seq.previous)
+            seq.previous = token
+            last = seq.generated >= seq.max_tokens
+            stop = None
+            if seq.stops:
+                piece, stop = seq.stop_matcher.push(piece)
+                if stop is None and last:
+                    piece += seq.stop_matcher.flush()
+            lps = [TokenLogprob(token, text.names[token], chosen[i])] if seq.logprobs else []
+            if piece or lps:
+                seq.outbox.append(Delta(piece, lps, 1))
+                seq.produced_tokens += 1
+            if stop is not None:
+                done.append((seq, Finish.STOP, stop))
+            elif last:
+                done.append((seq, Finish.LENGTH, ""))
+            elif seq.buffered_tokens >= interval or seq.generated == 1:  # the first token never waits
+                self.wakes.add(seq)
+        self.observer.sampled(len(rows), gaps)
+        return done
