@@ -41,19 +41,46 @@ def register(commands: Any) -> None:
         "serve",
         _serve,
         "bench-results/serve",
-        help="a real server under C concurrent streams vs the raw engine, batch-1 serving and a torch eager loop",
+        help="a real server under C concurrent streams vs raw decode loops, batch-1 serving and batched torch eager",
         description="Exports CHECKPOINT to one bundle per precision, starts `textgen serve` on it and drives it "
-        "with C concurrent streaming clients; in the same run measures the raw ONNX Runtime decode loop at "
-        "batch C, the server with --max-batch-size 1, and a plain PyTorch eager loop. Writes serve.json and "
-        "PNG plots into --out.",
+        "with C concurrent streaming clients using a mix of sampling settings (stream i: temperature 1; + top_k "
+        "40; + top_p 0.9; + repetition penalty 1.3, by i %% 4). In the same run, with the same per-stream "
+        "settings and seeds, it measures the raw decode loops at batch C (the exported graph with numpy feeds; "
+        "the service's step graph over device-resident state with IOBinding, and on --device cuda with CUDA "
+        "graphs too), the server with --max-batch-size 1, and a PyTorch eager loop batched at C. Each C runs "
+        "every configuration once per round for --repeats rounds and keeps each one's median run. Writes "
+        "serve.json and PNG plots into --out and prints a table per precision.",
     )
     serve.add_argument("checkpoint", type=Path)
-    serve.add_argument("--concurrency", type=_ints, default=[1, 8, 32, 64, 128], help="C values (default: %(default)s)")
+    serve.add_argument(
+        "--concurrency", type=_ints, default=None, help="C values (default: 1,8,32,64,128; on cuda also 256)"
+    )
     serve.add_argument("--max-tokens", type=int, default=256, help="sampled tokens per stream (default: %(default)s)")
-    serve.add_argument("--precisions", type=_names, default=["fp32"], help="fp32,int8 (default: fp32)")
+    serve.add_argument("--precisions", type=_names, default=["fp32"], help="fp32,int8,fp16 (default: fp32)")
     serve.add_argument("--threads", type=int, default=0, help="ONNX Runtime / torch threads (0: one per core)")
-    serve.add_argument("--eager-requests", type=int, default=4, help="requests the torch loop runs (default: 4)")
-    serve.add_argument("--repeats", type=int, default=3, help="alternating raw/server runs per C; medians kept")
+    serve.add_argument(
+        "--repeats", type=int, default=3, help="rounds per C, every configuration once each; medians kept"
+    )
+    serve.add_argument(
+        "--sampling",
+        choices=["mix", "temperature", "top_k", "top_p", "penalty"],
+        default="mix",
+        help="every stream's sampling setting, or mix: stream i uses the i %% 4-th (default: mix)",
+    )
+    serve.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: the server and raw loops on CUDAExecutionProvider, with CUDA graphs on and off, and torch "
+        "eager on the GPU; fails at once without a GPU (default: cpu)",
+    )
+    serve.add_argument(
+        "--configs",
+        type=_names,
+        default=None,
+        help="measure only these, e.g. raw,server (default: all: raw,raw_iobinding,server,server_batch1,"
+        "torch_eager; on cuda also raw_iobinding_graphs,server_graphs)",
+    )
     serve.add_argument(
         "--max-stream-interval", type=int, default=None, help="the server's setting (default: the server's default)"
     )
@@ -134,16 +161,19 @@ def register(commands: Any) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from bench.serve import run_serve_bench
 
+    default = [1, 8, 32, 64, 128] + ([256] if args.device == "cuda" else [])
     run_serve_bench(
         args.checkpoint,
         args.out,
-        args.concurrency,
+        args.concurrency or default,
         args.max_tokens,
         args.precisions,
         args.threads,
-        args.eager_requests,
         args.repeats,
+        sampling=args.sampling,
+        device=args.device,
         stream_interval=args.max_stream_interval,
+        configs=args.configs,
     )
     return 0
 

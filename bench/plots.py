@@ -32,28 +32,39 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
 
 
 def plot_serve(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Throughput vs concurrency (textgen, raw engine, batch-1 server, torch eager) and latency percentiles, one
-    pair of plots per precision."""
+    """Throughput vs concurrency of every configuration measured (servers, raw loops, torch eager), and the
+    server's client-side latencies beside the raw step, one pair of plots per precision."""
+    from bench.serve import LABELS
+
     plt = _pyplot()
     written = []
-    eager = report["torch_eager"]["tokens_per_s"]
+    styles = {"raw": "k--o", "raw_iobinding": "k:s", "raw_iobinding_graphs": "k-.^", "server": "b-o",
+              "server_graphs": "c-^", "server_batch1": "r-s", "torch_eager": "g:o"}  # fmt: skip
     for precision, rows in report["precisions"].items():
         cs = [r["concurrency"] for r in rows]
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax.plot(cs, [r["raw"]["tokens_per_s"] for r in rows], "k--o", label="raw engine loop (no gRPC)")
-        ax.plot(cs, [r["server"]["tokens_per_s"] for r in rows], "b-o", label="textgen serve")
-        ax.plot(cs, [r["server_batch1"]["tokens_per_s"] for r in rows], "r-s", label="textgen, max batch 1")
-        ax.axhline(eager, color="g", linestyle=":", label="PyTorch eager loop")
+        for config in report["configs"]:
+            ax.plot(cs, [r["results"][config]["tokens_per_s"] for r in rows], styles[config], label=LABELS[config])
         _decorate(ax, cs, ylabel="tokens/s (all streams)", title=f"Throughput, {precision}")
         written.append(_save(plt, fig, out_dir / f"serve-throughput-{precision}.png"))
 
+        server = next((s for s in ("server", "server_graphs", "server_batch1") if s in report["configs"]), None)
+        if server is None:
+            continue
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
         for key, style in (("p50", "-o"), ("p99", "--o")):
-            left.plot(cs, [r["server"][f"ttft_{key}_ms"] for r in rows], style, label=f"time to first token {key}")
-            right.plot(cs, [r["server"][f"itl_{key}_ms"] for r in rows], style, label=f"inter-token {key}")
-        right.plot(cs, [r["raw"]["step_ms"] for r in rows], "k:", label="raw engine step")
-        for ax, title in ((left, "Time to first token"), (right, "Inter-token latency")):
-            _decorate(ax, cs, ylabel="ms", title=f"{title}, {precision}")
+            left.plot(
+                cs, [r["results"][server][f"ttft_{key}_ms"] for r in rows], style, label=f"time to first token {key}"
+            )
+            right.plot(
+                cs, [r["results"][server][f"gap_{key}_ms"] for r in rows], style, label=f"between messages {key}"
+            )
+        right.plot(cs, [r["results"][server]["itl_p50_ms"] for r in rows], "-x", label="per token p50 (amortised)")
+        for raw, style in (("raw", "k:"), ("raw_iobinding", "k-.")):
+            if raw in report["configs"]:
+                right.plot(cs, [r["results"][raw]["step_ms"] for r in rows], style, label=f"{LABELS[raw]} step")
+        for ax, title in ((left, "Time to first token"), (right, "Client-side gaps")):
+            _decorate(ax, cs, ylabel="ms", title=f"{title}, {precision} ({LABELS[server]})")
         written.append(_save(plt, fig, out_dir / f"serve-latency-{precision}.png"))
     return written
 

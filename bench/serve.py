@@ -1,230 +1,180 @@
-"""``textgen bench serve``: a real ``textgen serve`` process driven over gRPC by C concurrent streaming clients,
-beside three baselines measured in the same run on the same model: the raw engine limit (a direct ONNX Runtime
-``[C, 1]`` decode loop with the same vectorised sampling, no gRPC, no scheduler), the same server with batching
-off (``--max-batch-size 1``), and what a user would write instead (a plain PyTorch eager loop, one request at a
-time). Everything is reported as ratios, because the machines are shared and noisy."""
+"""``textgen bench serve``: a real ``textgen serve`` process driven over gRPC by C concurrent streaming clients
+(``bench.load``), beside baselines measured in the same run on the same bundle, at the same batch, with the same
+per-stream sampling parameters and seeds (``bench.baselines``): the raw graph loop, the raw IOBinding loop, the
+same server with batching off, and a batched PyTorch eager loop. For each C, every configuration runs once per
+round, in a fixed order, for ``repeats`` rounds, and the median run of each is kept: a burst of noise on a shared
+machine then lands on every configuration alike. Everything is reported as ratios."""
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from bench.baselines import load_torch_model, raw_graph_loop, raw_iobinding_loop, torch_eager
+from bench.load import MIX, SETTINGS, ServerProcess, requests, row_params, stream_settings
+from textgen.errors import ConfigError
 
-from textgen.sampling import SamplingParams, new_rng, sample_batch
+# Every configuration, in the order a round runs them; ``LABELS`` names them in the table.
+CPU_CONFIGS = ("raw", "raw_iobinding", "server", "server_batch1", "torch_eager")
+CUDA_CONFIGS = (
+    "raw", "raw_iobinding", "raw_iobinding_graphs", "server", "server_graphs", "server_batch1", "torch_eager",
+)  # fmt: skip
+LABELS = {
+    "raw": "raw graph loop",
+    "raw_iobinding": "raw IOBinding loop",
+    "raw_iobinding_graphs": "raw IOBinding + CUDA graphs",
+    "server": "textgen serve",
+    "server_graphs": "textgen serve + CUDA graphs",
+    "server_batch1": "textgen, max batch 1",
+    "torch_eager": "PyTorch eager (batched)",
+}
+WARM_UP_TOKENS = 8  # per stream, at every C, before any measurement (CUDA graphs capture per batch bucket)
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
-
-@dataclass
-class LoadResult:
-    """What C concurrent streaming clients saw."""
-
-    concurrency: int
-    tokens: int
-    seconds: float
-    tokens_per_s: float
-    ttft_p50_ms: float
-    ttft_p99_ms: float
-    itl_p50_ms: float
-    itl_p99_ms: float
-    messages_per_stream: float
-    # CPU time per generated token: the server process (all its threads) and this client process. On a small
-    # machine the two share the cores, so these say where the time goes wherever the client runs.
-    server_cpu_ms_per_token: float | None = None
-    client_cpu_ms_per_token: float | None = None
-
-
-@dataclass
-class RawResult:
-    batch: int
-    steps: int
-    step_ms: float
-    tokens_per_s: float
-    cpu_ms_per_token: float  # this process's CPU time (ONNX Runtime's threads included) per token
+Runner = Callable[[int], Any]
 
 
-@dataclass
-class EagerResult:
-    requests: int
-    tokens: int
-    seconds: float
-    tokens_per_s: float
-    step_ms: float
-
-
-def raw_engine(model: Any, batch: int, steps: int, params: SamplingParams) -> RawResult:
-    """The engine limit: one ``[batch, 1]`` graph call and one vectorised sampling pass per step."""
-    state = model.zero_state(batch)
-    tokens = np.full((batch, 1), model.tokenizer.start_id, np.int64)
-    rngs = [new_rng(i) for i in range(batch)]
-    plist = [params] * batch
-    seen = [np.zeros(model.vocab_size, bool) for _ in range(batch)]
-    position = np.zeros(1, np.int64)
-    for _ in range(5):  # warm up
-        logits, state = model.run(tokens, position, state)
-    start, cpu = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        logits, state = model.run(tokens, position, state)
-        tokens = sample_batch(logits[:, 0], plist, rngs, seen).reshape(-1, 1)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return RawResult(batch, steps, seconds / steps * 1e3, batch * steps / seconds, cpu / (batch * steps) * 1e3)
-
-
-def torch_eager(checkpoint: Path, requests: int, max_tokens: int, temperature: float, threads: int) -> EagerResult:
-    """What a user would write instead of a server: the trained torch model, one request at a time, one token per
-    forward call, softmax and ``torch.multinomial``."""
-    import torch
-
-    from training.checkpoint import load_checkpoint, model_from_checkpoint
-
-    if threads:
-        torch.set_num_threads(threads)
-    model, tokenizer = model_from_checkpoint(load_checkpoint(checkpoint))
-    model.eval()
-    tokens = 0
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for seed in range(requests):
-            generator = torch.Generator().manual_seed(seed)
-            state = model.init_state(1)
-            x = torch.tensor([[tokenizer.start_id]])
-            for _ in range(max_tokens):
-                logits, state = model(x, state)
-                probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
-                x = torch.multinomial(probs, 1, generator=generator)
-                tokens += 1
-    seconds = time.perf_counter() - start
-    return EagerResult(requests, tokens, seconds, tokens / seconds, seconds / tokens * 1e3)
-
-
-async def _stream(stub: Any, request: Any, out: list[tuple[float, list[float], list[int], int]]) -> None:
-    start = time.perf_counter()
-    stamps, sizes = [], []
-    total = 0
-    async for msg in stub.GenerateStream(request):
-        now = time.perf_counter()
-        if msg.text:
-            stamps.append(now)
-            sizes.append(len(msg.text))
-        if msg.HasField("complete"):
-            total = msg.complete.generated_tokens
-    out.append((start, stamps, sizes, total))
-
-
-def _pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(xs, q) * 1e3) if xs else 0.0
-
-
-async def drive(
-    target: str, concurrency: int, max_tokens: int, temperature: float, server_pid: int | None = None
-) -> LoadResult:
-    """C streams started at once, each asking for ``max_tokens`` sampled tokens with its own seed. With
-    ``server_pid`` (a local server), the server's CPU time is read from /proc around the run."""
-    import grpc
-
-    from textgen.v1 import textgen_pb2 as pb
-    from textgen.v1 import textgen_pb2_grpc as pb_grpc
-
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.TextGenerationStub(channel)
-        await stub.Generate(pb.GenerateRequest(max_tokens=4, seed=0))  # connect and warm up
-        out: list[tuple[float, list[float], list[int], int]] = []
-        server_cpu = process_cpu_seconds(server_pid)
-        start, client_cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(
-            *(
-                _stream(stub, pb.GenerateRequest(max_tokens=max_tokens, temperature=temperature, seed=i), out)
-                for i in range(concurrency)
-            )
+def configurations(device: str, wanted: list[str] | None) -> list[str]:
+    """The configurations to measure on ``device``, in round order (``wanted``: a subset, any order)."""
+    available = CUDA_CONFIGS if device == "cuda" else CPU_CONFIGS
+    if wanted is None:
+        return list(available)
+    unknown = [w for w in wanted if w not in available]
+    if unknown:
+        raise ConfigError(
+            f"--configs: {', '.join(unknown)} not measured on {device} (choose from {', '.join(available)})"
         )
-        seconds, client_cpu = time.perf_counter() - start, time.process_time() - client_cpu
-        server_cpu_after = process_cpu_seconds(server_pid)
-    tokens = sum(r[3] for r in out)
-    per_token = 1e3 / max(1, tokens)
-    ttft = [r[1][0] - r[0] for r in out if r[1]]
-    itl: list[float] = []
-    for _, stamps, sizes, total in out:
-        chars = sum(sizes) or 1
-        for i in range(1, len(stamps)):  # a coalesced message's gap is shared by the tokens it carries
-            n = max(1, round(sizes[i] * total / chars))
-            itl.extend([(stamps[i] - stamps[i - 1]) / n] * n)
-    return LoadResult(
-        concurrency,
-        tokens,
-        seconds,
-        tokens / seconds,
-        _pct(ttft, 50),
-        _pct(ttft, 99),
-        _pct(itl, 50),
-        _pct(itl, 99),
-        float(np.mean([len(r[1]) for r in out])),
-        None if server_cpu is None or server_cpu_after is None else (server_cpu_after - server_cpu) * per_token,
-        client_cpu * per_token,
-    )
+    return [c for c in available if c in wanted]
 
 
-def process_cpu_seconds(pid: int | None) -> float | None:
-    """User plus system CPU time of a process and all its threads, from /proc (Linux; None elsewhere)."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+def check_device(device: str, precisions: list[str], configs: list[str]) -> None:
+    """GPU mode needs a GPU: refuse at once, with the reason, rather than measure the CPU under a GPU's name."""
+    if device == "cpu":
+        return
+    import onnxruntime as ort
+
+    from service.providers import nvidia_gpu_present
+
+    if CUDA not in ort.get_available_providers():
+        raise ConfigError(
+            f"--device cuda: this ONNX Runtime build has no {CUDA} (it offers "
+            f"{', '.join(ort.get_available_providers())}; install onnxruntime-gpu)"
+        )
+    if not nvidia_gpu_present():
+        raise ConfigError("--device cuda: no NVIDIA GPU here (no usable /dev/nvidiaN device); use --device cpu")
+    if "int8" in precisions:
+        raise ConfigError(
+            "--device cuda: int8 bundles run only on the CPU (dynamically quantised kernels); use fp32,fp16"
+        )
+    if "torch_eager" in configs:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "--device cuda: torch cannot use the GPU (a CPU-only torch build?); or leave out torch_eager"
+            )
 
 
-class ServerProcess:
-    """``textgen serve`` in its own process, as users run it (in the bench process it would share the client's
-    GIL)."""
+def export_bundles(checkpoint: Path, root: Path, precisions: list[str]) -> dict[str, Path]:
+    """The checkpoint as one bundle per precision (verified, as ``textgen export`` makes them), kept under the
+    checkpoint's hash: a rerun on the same checkpoint reuses them, another checkpoint never does."""
+    from exporter.publish import export_bundle
 
-    def __init__(
-        self, bundle: Path, threads: int, max_batch: int, max_tokens: int, stream_interval: int | None = None
-    ) -> None:
-        cmd = [sys.executable, "-m", "textgen.cli", "serve", "--bundle", str(bundle), "--port", "0",
-               "--providers", "CPUExecutionProvider", "--intra-op-threads", str(threads),
-               "--max-batch-size", str(max_batch), "--max-queue", "4096",
-               "--max-tokens-limit", str(max(max_tokens, 256)), "--log-level", "info"]  # fmt: skip
-        if stream_interval is not None:
-            cmd += ["--max-stream-interval", str(stream_interval)]
-        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in stop); a file, not a pipe: none to drain
-        self.proc = subprocess.Popen(cmd, stderr=self.log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.port = self._port()
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]
+    bundles = {}
+    for precision in precisions:
+        out = root / f"bench-{precision}-{digest}" / "1"
+        if not (out / "manifest.json").exists():
+            export_bundle(checkpoint, out, quantize=None if precision == "fp32" else precision)
+        bundles[precision] = out
+    return bundles
 
-    def _port(self) -> int:
-        """The gRPC port, from the server's start-up log line ("... on 127.0.0.1:PORT (plaintext)")."""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            self.log.seek(0)
-            for line in self.log:
-                if "textgen serving " in line and " on 127.0.0.1:" in line:
-                    return int(line.split(" on 127.0.0.1:")[1].split()[0])
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"textgen serve exited with {self.proc.returncode}: {self.log.read()[-2000:]}")
-            time.sleep(0.1)
-        raise RuntimeError("textgen serve did not start listening within 120 s")
 
-    def drive(self, concurrency: int, max_tokens: int, temperature: float) -> LoadResult:
-        return asyncio.run(drive(f"127.0.0.1:{self.port}", concurrency, max_tokens, temperature, self.proc.pid))
+def machine(device: str = "cpu") -> dict[str, Any]:
+    import onnxruntime as ort
 
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
+    info: dict[str, Any] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "device": device,
+    }
+    if device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+class Subjects:
+    """Everything measured on one bundle, opened and warmed up once: sessions for the raw loops, the torch model,
+    and the servers (all alive together; only one is driven at a time)."""
+
+    def __init__(self, checkpoint: Path, bundle: Path, precision: str, o: dict[str, Any]) -> None:
+        from service.bundle import load_bundle
+        from service.models import ModelRegistry
+        from service.providers import choose_providers, session_options
+        from service.settings import load_settings
+
+        device, sampling, steps, configs = o["device"], o["sampling"], o["max_tokens"], o["configs"]
+        providers = [CUDA] if device == "cuda" else [CPU]
+
+        def settings(graphs: bool) -> Any:
+            return load_settings(
+                bundle=bundle, port=0, providers=providers, intra_op_threads=o["threads"], cuda_graphs=graphs
+            )
+
+        capacity = max(o["concurrency"])
+        self.runners: dict[str, Runner] = {}
+        self.servers: list[ServerProcess] = []
         try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+            if "raw" in configs:  # the plain exported graph, with the server's providers and session options
+                s = settings(False)
+                plain = load_bundle(bundle, providers=choose_providers(s), session_options=session_options(s))
+                self.runners["raw"] = lambda c: raw_graph_loop(plain, row_params(sampling, c), steps, device)
+            for name, graphs in (("raw_iobinding", False), ("raw_iobinding_graphs", True)):
+                if name in configs:
+                    model = next(iter(ModelRegistry.load(settings(graphs))))
+                    pool = model.batch_state(capacity)  # one pool, as the engine has: its graphs stay valid
+                    self.runners[name] = partial(self._iobinding, model, pool, sampling, steps)
+            for name, batch, graphs in (("server", capacity, False), ("server_graphs", capacity, True),
+                                        ("server_batch1", 1, False)):  # fmt: skip
+                if name in configs:
+                    server = ServerProcess(
+                        bundle, o["threads"], batch, steps, o["stream_interval"], ",".join(providers), graphs
+                    )
+                    self.servers.append(server)
+                    for c in o["concurrency"]:  # warm-up: first-run allocations, and each C's batch shapes
+                        server.drive(requests(sampling, c, WARM_UP_TOKENS))
+                    self.runners[name] = partial(self._serve, server, sampling, steps)
+            if "torch_eager" in configs:
+                torch_model, start = load_torch_model(checkpoint, device, half=device == "cuda" and precision == "fp16")
+                self.runners["torch_eager"] = lambda c: torch_eager(torch_model, start, row_params(sampling, c), steps)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _iobinding(model: Any, pool: Any, sampling: str, steps: int, c: int) -> Any:
+        return raw_iobinding_loop(model, pool, row_params(sampling, c), steps)
+
+    @staticmethod
+    def _serve(server: ServerProcess, sampling: str, max_tokens: int, c: int) -> Any:
+        return server.drive(requests(sampling, c, max_tokens))
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
 
 
 def _median(runs: list[Any]) -> Any:
@@ -232,27 +182,41 @@ def _median(runs: list[Any]) -> Any:
     return sorted(runs, key=lambda r: r.tokens_per_s)[len(runs) // 2]
 
 
-def export_bundles(checkpoint: Path, root: Path, precisions: list[str]) -> dict[str, Path]:
-    """The checkpoint as one bundle per precision (verified, as ``textgen export`` makes them)."""
-    from exporter.publish import export_bundle
+def ratios(results: dict[str, dict[str, Any]], concurrency: int) -> dict[str, float]:
+    """The comparisons the goals are stated in, wherever both sides were measured."""
+    out: dict[str, float] = {}
 
-    bundles = {}
-    for precision in precisions:
-        out = root / f"bench-{precision}" / "1"
-        if not (out / "manifest.json").exists():
-            export_bundle(checkpoint, out, quantize=None if precision == "fp32" else precision)
-        bundles[precision] = out
-    return bundles
+    def put(key: str, num: float | None, den: float | None) -> None:
+        if num is not None and den:
+            out[key] = num / den
+
+    def get(config: str, field: str) -> float | None:
+        return results.get(config, {}).get(field)
+
+    for server in ("server", "server_graphs"):
+        for base in ("raw", "raw_iobinding", "raw_iobinding_graphs", "server_batch1", "torch_eager"):
+            put(f"{server}_vs_{base}", get(server, "tokens_per_s"), get(base, "tokens_per_s"))
+        for base in ("raw", "raw_iobinding", "raw_iobinding_graphs"):
+            put(f"{server}_cpu_vs_{base}_cpu", get(server, "server_cpu_ms_per_token"), get(base, "cpu_ms_per_token"))
+            if concurrency == 1:
+                put(f"{server}_gap_p50_vs_{base}_step", get(server, "gap_p50_ms"), get(base, "step_ms"))
+    put("raw_iobinding_vs_raw", get("raw_iobinding", "tokens_per_s"), get("raw", "tokens_per_s"))
+    return out
 
 
-def machine() -> dict[str, Any]:
-    import onnxruntime as ort
-
+def measure(subjects: Subjects, configs: list[str], c: int, repeats: int, sampling: str) -> dict[str, Any]:
+    """``repeats`` rounds at C streams, each running every configuration once in ``configs`` order."""
+    runs: dict[str, list[Any]] = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name in configs:
+            runs[name].append(subjects.runners[name](c))
+    results = {name: asdict(_median(rs)) for name, rs in runs.items()}
     return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
+        "concurrency": c,
+        "settings": dict(Counter(stream_settings(sampling, c))),
+        "results": results,
+        "runs": {name: [r.tokens_per_s for r in rs] for name, rs in runs.items()},
+        "ratios": ratios(results, c),
     }
 
 
@@ -263,66 +227,52 @@ def run_serve_bench(
     max_tokens: int,
     precisions: list[str],
     threads: int,
-    eager_requests: int,
     repeats: int = 3,
-    temperature: float = 1.0,
+    sampling: str = MIX,
+    device: str = "cpu",
     stream_interval: int | None = None,
+    configs: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Every measurement for every precision; writes ``serve.json`` and the plots into ``out_dir``."""
-    from service.models import ModelRegistry
-    from service.settings import load_settings
-
+    """Every measurement for every precision; writes ``serve.json`` and the plots into ``out_dir``, prints a table
+    per precision."""
+    stream_settings(sampling, 1)  # an unknown setting fails here, before any export
+    unknown = [p for p in precisions if p not in ("fp32", "int8", "fp16")]
+    if unknown:
+        raise ConfigError(f"--precisions: unknown {', '.join(unknown)} (choose from fp32, int8, fp16)")
+    if repeats < 1 or max_tokens < 1:
+        raise ConfigError(f"--repeats and --max-tokens must be at least 1 (got {repeats}, {max_tokens})")
+    chosen = configurations(device, configs)
+    check_device(device, precisions, chosen)
     out_dir.mkdir(parents=True, exist_ok=True)
     bundles = export_bundles(checkpoint, out_dir / "bundles", precisions)
-    params = SamplingParams(temperature=temperature)
+    options = {"concurrency": concurrency, "max_tokens": max_tokens, "threads": threads, "sampling": sampling,
+               "device": device, "stream_interval": stream_interval, "configs": chosen}  # fmt: skip
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint),
-        "max_tokens": max_tokens,
-        "threads": threads,
+        **{k: v for k, v in options.items() if k != "stream_interval"},
         "repeats": repeats,
         "max_stream_interval": stream_interval,  # None: the server's default
-        "machine": machine(),
+        "sampling_settings": SETTINGS,
+        "machine": machine(device),
         "command": " ".join(["textgen", *sys.argv[1:]]) if sys.argv[0].endswith("textgen") else "",
         "precisions": {},
     }
-    eager = torch_eager(checkpoint, eager_requests, max_tokens, temperature, threads)
-    report["torch_eager"] = asdict(eager)
-    print(f"torch eager: {eager.tokens_per_s:,.0f} tokens/s ({eager.step_ms:.3f} ms/token)", flush=True)
+    if sampling == MIX:
+        first = next(iter(SETTINGS))
+        print(f"sampling mix: stream i uses setting i % {len(SETTINGS)} of {', '.join(SETTINGS)}; "
+              f"C = 1 uses {first} only", flush=True)  # fmt: skip
     for precision, bundle in bundles.items():
-        settings = load_settings(bundle=bundle, port=0, providers=["CPUExecutionProvider"], intra_op_threads=threads)
-        model = next(iter(ModelRegistry.load(settings)))
-        rows = []
-        batched = ServerProcess(bundle, threads, max(concurrency), max_tokens, stream_interval)
+        subjects = Subjects(checkpoint, bundle, precision, options)
         try:
+            rows = []
             for c in concurrency:
-                # alternate the two, `repeats` times each, and keep the median run of each: a burst of noise on
-                # the shared machine then moves neither side of the ratio much
-                raws, loads = [], []
-                for _ in range(repeats):
-                    raws.append(raw_engine(model, c, max(64, max_tokens), params))
-                    loads.append(batched.drive(c, max_tokens, temperature))
-                raw, load = _median(raws), _median(loads)
-                rows.append({
-                    "concurrency": c, "raw": asdict(raw), "server": asdict(load),
-                    "raw_runs": [r.tokens_per_s for r in raws], "server_runs": [r.tokens_per_s for r in loads],
-                })  # fmt: skip
+                rows.append(measure(subjects, chosen, c, repeats, sampling))
+                print(f"{precision} C={c}: " + json.dumps({k: round(v, 3) for k, v in rows[-1]["ratios"].items()}),
+                      flush=True)  # fmt: skip
         finally:
-            batched.stop()
-        single = ServerProcess(bundle, threads, 1, max_tokens)
-        try:
-            for row in rows:
-                row["server_batch1"] = asdict(single.drive(row["concurrency"], max_tokens, temperature))
-        finally:
-            single.stop()
-        for row in rows:
-            server = row["server"]["tokens_per_s"]
-            row["vs_raw"] = server / row["raw"]["tokens_per_s"]
-            row["vs_batch1"] = server / row["server_batch1"]["tokens_per_s"]
-            row["vs_torch_eager"] = server / eager.tokens_per_s
-            if row["concurrency"] == 1:
-                row["itl_p50_vs_raw_step"] = row["server"]["itl_p50_ms"] / row["raw"]["step_ms"]
-            print(f"{precision} C={row['concurrency']}: " + json.dumps(_summary(row)), flush=True)
+            subjects.close()
         report["precisions"][precision] = rows
+        print(table(precision, rows, chosen), flush=True)
     (out_dir / "serve.json").write_text(json.dumps(report, indent=1))
     from bench.plots import plot_serve
 
@@ -330,23 +280,57 @@ def run_serve_bench(
     return report
 
 
-def _summary(row: dict[str, Any]) -> dict[str, Any]:
-    s = row["server"]
-    out = {
-        "tokens_per_s": round(s["tokens_per_s"]),
-        "raw": round(row["raw"]["tokens_per_s"]),
-        "batch1": round(row["server_batch1"]["tokens_per_s"]),
-        "vs_raw": round(row["vs_raw"], 3),
-        "vs_batch1": round(row["vs_batch1"], 2),
-        "vs_torch_eager": round(row["vs_torch_eager"], 1),
-        "ttft_ms": [round(s["ttft_p50_ms"], 2), round(s["ttft_p99_ms"], 2)],
-        "itl_ms": [round(s["itl_p50_ms"], 3), round(s["itl_p99_ms"], 3)],
-        "cpu_ms_per_token": {
-            "raw": round(row["raw"]["cpu_ms_per_token"], 4),
-            "server": s["server_cpu_ms_per_token"] and round(s["server_cpu_ms_per_token"], 4),
-            "client": round(s["client_cpu_ms_per_token"], 4),
-        },
-    }
-    if "itl_p50_vs_raw_step" in row:
-        out["itl_p50_vs_raw_step"] = round(row["itl_p50_vs_raw_step"], 3)
+def _server(row: dict[str, Any]) -> str | None:
+    """The server configuration whose latencies the table shows: batched (CUDA graphs off first), else batch 1."""
+    return next((s for s in ("server", "server_graphs", "server_batch1") if s in row["results"]), None)
+
+
+def table(precision: str, rows: list[dict[str, Any]], configs: list[str]) -> str:
+    """A markdown table of one precision's medians, with the ratios, and the goals' three figures."""
+    ratio_keys = [k for k in rows[0]["ratios"] if "_gap_" not in k] if rows else []
+    raws = [c for c in configs if c.startswith("raw")]
+    head = [
+        "C",
+        *(f"{LABELS[c]} tok/s" for c in configs),
+        *(k.replace("_vs_", " / ") for k in ratio_keys),
+        "TTFT p50/p99 ms",
+        "gap p50/p99 ms",
+        "per-token p50/p99 ms",
+        "msgs/stream",
+        f"CPU ms/token: {' / '.join(raws)} / server / client",
+    ]
+    lines = [f"\n{precision}", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        res = row["results"]
+        s = res.get(_server(row) or "", {})
+        cpu = [res[r]["cpu_ms_per_token"] for r in raws] + [s.get("server_cpu_ms_per_token"),
+                                                            s.get("client_cpu_ms_per_token")]  # fmt: skip
+        cells = [str(row["concurrency"]), *(f"{res[c]['tokens_per_s']:,.0f}" for c in configs),
+                 *(f"{row['ratios'].get(k, float('nan')):.3f}" for k in ratio_keys)]  # fmt: skip
+        if s:
+            cells += [
+                f"{s['ttft_p50_ms']:.2f} / {s['ttft_p99_ms']:.2f}",
+                f"{s['gap_p50_ms']:.2f} / {s['gap_p99_ms']:.2f}",
+                f"{s['itl_p50_ms']:.3f} / {s['itl_p99_ms']:.3f}",
+                f"{s['messages_per_stream']:.0f}",
+            ]
+        else:
+            cells += ["-"] * 4
+        cells.append(" / ".join("-" if v is None else f"{v:.3f}" for v in cpu))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += _goals(rows)
+    return "\n".join(lines)
+
+
+def _goals(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's three goals, where this run measured them (ratios in one run)."""
+    by_c = {row["concurrency"]: row["ratios"] for row in rows}
+    out = []
+    for c, key, goal in ((64, "server_vs_raw", ">= 0.90"), (1, "server_gap_p50_vs_raw_step", "<= 1.2"),
+                         (64, "server_cpu_vs_raw_cpu", "<= 1.1")):  # fmt: skip
+        if key in by_c.get(c, {}):
+            out.append(f"goal C={c} {key}: {by_c[c][key]:.3f} (goal {goal})")
+    for c, key in ((1, "server_gap_p50_vs_raw_iobinding_step"), (64, "server_vs_raw_iobinding")):
+        if key in by_c.get(c, {}):
+            out.append(f"also C={c} {key}: {by_c[c][key]:.3f}")
     return out

@@ -3,9 +3,13 @@ comparisons are like for like; their figures come from real runs, recorded in do
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
+import numpy as np
 import pytest
 
 from textgen.cli import main
@@ -13,25 +17,109 @@ from textgen.cli import main
 
 def test_bench_serve_writes_every_comparison_and_the_plots(trained_run: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
+    from bench.serve import CPU_CONFIGS
+
     out = tmp_path / "serve"
-    argv = ["bench", "serve", str(trained_run / "best.pt"), "--concurrency", "1,3", "--max-tokens", "12",
-            "--threads", "1", "--eager-requests", "1", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    argv = ["bench", "serve", str(trained_run / "best.pt"), "--concurrency", "1,2", "--max-tokens", "12",
+            "--threads", "1", "--repeats", "1", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "serve.json").read_text())
-    assert report["torch_eager"]["tokens"] == 12
+    assert report["configs"] == list(CPU_CONFIGS) and report["sampling"] == "mix"
     rows = report["precisions"]["fp32"]
-    assert [r["concurrency"] for r in rows] == [1, 3]
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    assert rows[0]["settings"] == {"temperature": 1} and rows[1]["settings"] == {"temperature": 1, "top_k": 1}
     for row in rows:
-        assert row["server"]["tokens"] == 12 * row["concurrency"]  # every stream got all its tokens
-        assert row["server_batch1"]["tokens"] == 12 * row["concurrency"]
-        assert row["raw"]["batch"] == row["concurrency"]
-        for key in ("vs_raw", "vs_batch1", "vs_torch_eager"):
-            assert row[key] > 0
-        assert row["raw"]["cpu_ms_per_token"] > 0 and row["server"]["client_cpu_ms_per_token"] > 0
-        assert row["server"]["server_cpu_ms_per_token"] >= 0  # read from /proc in 10 ms ticks: may round to 0
-    assert "itl_p50_vs_raw_step" in rows[0]
+        c, res = row["concurrency"], row["results"]
+        assert set(res) == set(CPU_CONFIGS) and all(len(runs) == 1 for runs in row["runs"].values())
+        for server in ("server", "server_batch1"):
+            assert res[server]["tokens"] == 12 * c  # every stream got all its tokens
+            for key in ("ttft_p50_ms", "gap_p50_ms", "gap_p99_ms", "itl_p50_ms", "stream_ms_per_token"):
+                assert res[server][key] > 0, key
+            assert res[server]["messages_per_stream"] >= 1 and res[server]["client_cpu_ms_per_token"] > 0
+            assert res[server]["server_cpu_ms_per_token"] >= 0  # read from /proc in 10 ms ticks: may round to 0
+        for base in ("raw", "raw_iobinding", "torch_eager"):
+            assert (res[base]["batch"], res[base]["tokens"]) == (c, 12 * c)  # the same work as the streams
+            assert res[base]["cpu_ms_per_token"] > 0 and res[base]["step_ms"] > 0
+        assert (res["raw"]["loop"], res["raw_iobinding"]["loop"]) == ("graph", "iobinding")
+        assert res["raw_iobinding"]["device"] == "cpu" and not res["raw_iobinding"]["cuda_graphs"]
+        for key in ("server_vs_raw", "server_vs_raw_iobinding", "server_vs_server_batch1", "server_vs_torch_eager"):
+            assert row["ratios"][key] > 0
+        assert "server_cpu_vs_raw_cpu" in row["ratios"]
+    assert rows[0]["ratios"]["server_gap_p50_vs_raw_step"] > 0
     assert (out / "serve-throughput-fp32.png").stat().st_size > 0
     assert (out / "serve-latency-fp32.png").stat().st_size > 0
+
+
+def test_the_raw_loops_sample_each_row_as_the_server_samples_its_stream(
+    served_bundle: Path, serve: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row i of a raw loop has exactly the parameters the server derives from client i's request (after the wire's
+    float32 rounding), a generator seeded i and the seen-token mask the penalty needs: both raw loops draw the
+    very tokens the server streams to the clients, so they do the same work."""
+    from bench import baselines
+    from bench.load import requests, row_params
+    from service.app import App
+    from service.bundle import load_bundle
+    from service.models import ModelRegistry
+    from service.servicer import _spec
+    from service.settings import load_settings
+    from textgen.sampling import new_rng
+    from textgen.v1 import textgen_pb2 as pb
+
+    streams, steps = 6, 12
+    sent = [pb.GenerateRequest.FromString(r.SerializeToString()) for r in requests("mix", streams, steps)]
+    server_params = [App._params(cast(Any, None), _spec(r)) for r in sent]
+    assert [r.seed for r in sent] == list(range(streams))
+    assert len(set(server_params)) == 4 and server_params[4:] == server_params[:2]  # stream i: setting i % 4
+    assert row_params("mix", streams) == server_params
+    live = serve(intra_op_threads=1)
+    texts = [live.stub.Generate(r).text for r in sent]
+
+    calls: list[tuple[list[Any], list[Any], Any, Any]] = []
+    real = baselines.sample_batch
+
+    def spy(logits: Any, params: Any, rngs: Any, seen: Any = None) -> Any:
+        states = [r.bit_generator.state["state"] for r in rngs]
+        tokens = real(logits, params, rngs, seen)
+        calls.append((list(params), states, None if seen is None else seen.copy(), tokens))
+        return tokens
+
+    monkeypatch.setattr(baselines, "sample_batch", spy)
+    settings = load_settings(bundle=served_bundle, port=0, providers=["CPUExecutionProvider"], intra_op_threads=1)
+    model = next(iter(ModelRegistry.load(settings)))
+    for run in (
+        lambda: baselines.raw_graph_loop(load_bundle(served_bundle), row_params("mix", streams), steps),
+        lambda: baselines.raw_iobinding_loop(model, model.batch_state(8), row_params("mix", streams), steps),
+    ):
+        calls.clear()
+        assert run().tokens == streams * steps
+        measured = calls[baselines.WARM_UP_STEPS :]  # after the warm-up, the loop starts over from the start token
+        assert len(measured) == steps
+        params, states, seen, _ = measured[0]
+        assert params == server_params
+        assert states == [new_rng(i).bit_generator.state["state"] for i in range(streams)]
+        assert seen is not None and seen.dtype == bool and seen.shape == (streams, model.vocab_size)
+        assert seen.sum(axis=1).tolist() == [1] * streams and seen[:, model.tokenizer.start_id].all()
+        for before, after in itertools.pairwise(measured):  # every sampled token is seen from the next step on
+            expected = before[2].copy()
+            expected[range(streams), before[3]] = True
+            assert np.array_equal(after[2], expected)
+        drawn = np.array([c[3] for c in measured]).T
+        assert [model.tokenizer.decode(row.tolist()) for row in drawn] == texts
+
+
+def test_bench_serve_on_cuda_without_a_gpu_says_so(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.providers import nvidia_gpu_present
+
+    if nvidia_gpu_present():
+        pytest.skip("a GPU is present: --device cuda would run")
+    argv = ["bench", "serve", str(trained_run / "best.pt"), "--device", "cuda", "--out", str(tmp_path / "cuda")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and err.count("\n") == 1
+    assert not (tmp_path / "cuda").exists()  # refused before any export
 
 
 def test_bench_quality_scores_the_bundle_as_the_checkpoint(trained_run: Path, tmp_path: Path) -> None:
