@@ -10,7 +10,8 @@ when a sequence arrives with a state of its own."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -32,6 +33,14 @@ class StepSessions:
     device: str  # "cpu" or "cuda"
     device_id: int = 0
     cuda_graphs: bool = False  # the step session captures a CUDA graph per decode batch-size bucket
+    # CUDA graph ids are per session and a captured graph keeps the addresses it was captured with: every bucket
+    # of every pool on this session gets a new id, never one a discarded pool's graph holds
+    graph_ids: itertools.count = field(default_factory=itertools.count, compare=False)
+
+    @property
+    def host_run_options(self) -> ort.RunOptions | None:
+        """Run options for a call with host feeds: outside any CUDA graph."""
+        return _graph_run_options(-1) if self.cuda_graphs else None
 
 
 def step_sessions(bundle: Bundle, states: list[str]) -> StepSessions:
@@ -126,7 +135,7 @@ class BatchState:
         self._buckets: dict[int, _Bucket] = {}
         # a prompt's shapes vary: never captured. No run options at all otherwise: ONNX Runtime looks up an
         # unset gpu_graph_id through a C++ exception, 80 us a call
-        self._dynamic = _graph_run_options(-1) if sessions.cuda_graphs else None
+        self._dynamic = sessions.host_run_options
         zero = np.zeros(1, np.int64)
         self._position = ort.OrtValue.ortvalue_from_numpy(zero, sessions.device, sessions.device_id)
 
@@ -194,7 +203,7 @@ class BatchState:
         size = min(self.capacity, 1 << (n - 1).bit_length())
         bucket = self._buckets.get(size)
         if bucket is None:
-            bucket = self._buckets[size] = _Bucket(self, size, len(self._buckets))
+            bucket = self._buckets[size] = _Bucket(self, size, next(self.sessions.graph_ids))
         padded_tokens = np.zeros((size, 1), np.int64)
         padded_tokens[:n] = tokens
         padded_slots = np.full(size, self.scratch, np.int64)

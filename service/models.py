@@ -94,7 +94,7 @@ class ServedModel:
         feeds = {"tokens": tokens, "positions": positions, SLOTS: np.arange(batch, dtype=np.int64)}
         for name, s in zip(self.state_names, state, strict=True):
             feeds[pool_name(name)] = np.ascontiguousarray(s, dtype=self.state_dtype)
-        logits, *pools = self.sessions.step.run(self._outputs, feeds)
+        logits, *pools = self.sessions.step.run(self._outputs, feeds, self.sessions.host_run_options)
         return logits, tuple(p.astype(np.float32, copy=False) for p in pools)
 
     def warm_up(self) -> None:
