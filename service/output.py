@@ -33,9 +33,6 @@ class TokenText:
         self.spaced = self.bare if self.char else [tokenizer.piece(i, inside) for i in ids]
         self.names = tokenizer.id_to_token
 
-    def piece(self, token: int, previous: int | None) -> str:
-        return self.bare[token] if previous is None or previous == self.eos else self.spaced[token]
-
 
 class OutputProcessor:
     def __init__(self, tokenizer: TextTokenizer, observer: EngineObserver, wakes: Wakes, max_interval: int) -> None:
@@ -59,8 +56,10 @@ class OutputProcessor:
         chosen = dict(zip(wanted, token_logprobs(logits[wanted], tokens[wanted]).tolist(), strict=True))
         now = time.monotonic()
         text = self.text
+        bare, spaced, eos = text.bare, text.spaced, text.eos
         done: list[Done] = []
         gaps: list[float] = []
+        wake = self.wakes.add
         for i, (seq, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             seq.context.seen[token] = True
             if seq.generated:
@@ -69,25 +68,27 @@ class OutputProcessor:
                 seq.first_token = now
                 self.observer.first_token(now - seq.arrived)
             seq.last_token = now
-            seq.generated += 1
+            generated = seq.generated = seq.generated + 1
             seq.next_token = token
-            piece = text.piece(token, seq.previous)
-            seq.previous = token
-            last = seq.generated >= seq.max_tokens
+            previous, seq.previous = seq.previous, token
+            piece = bare[token] if previous is None or previous == eos else spaced[token]
+            last = generated >= seq.max_tokens
             stop = None
             if seq.stops:
                 piece, stop = seq.stop_matcher.push(piece)
                 if stop is None and last:
                     piece += seq.stop_matcher.flush()
-            lps = [TokenLogprob(token, text.names[token], chosen[i])] if seq.logprobs else []
-            if piece or lps:
-                seq.outbox.append(Delta(piece, lps, 1))
+            if seq.logprobs:
+                seq.outbox.append(Delta(piece, [TokenLogprob(token, text.names[token], chosen[i])], 1))
+                seq.produced_tokens += 1
+            elif piece:
+                seq.outbox.append(Delta(piece, [], 1))
                 seq.produced_tokens += 1
             if stop is not None:
                 done.append((seq, Finish.STOP, stop))
             elif last:
                 done.append((seq, Finish.LENGTH, ""))
-            elif seq.buffered_tokens >= interval or seq.generated == 1:  # the first token never waits
-                self.wakes.add(seq)
+            elif generated == 1 or seq.produced_tokens - seq.consumed_tokens >= interval:  # the first never waits
+                wake(seq)
         self.observer.sampled(len(rows), gaps)
         return done

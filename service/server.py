@@ -123,6 +123,7 @@ class TextgenServer:
         self.app.stop()  # anything left ends with finish reason CANCELLED
         await asyncio.sleep(0.05)  # let the final messages go out
         await self._server.stop(grace=1.0)
+        await self.servicer.guard.close()
         self.app.metrics.close()
         self._stopped.set()
         log.info("stopped")

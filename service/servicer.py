@@ -21,6 +21,7 @@ from service.metrics import Call
 from service.models import ServedModel
 from service.principals import principal_of
 from service.sequence import Delta, Finish, Result
+from service.write_guard import WriteGuard
 from textgen.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -220,6 +221,7 @@ class Servicer(pb_grpc.TextGenerationServicer):
     def __init__(self, app: App) -> None:
         self.app = app
         self.in_progress = 0  # calls inside a handler, bounded by max_concurrent_rpcs
+        self.guard = WriteGuard(app.settings.max_pause_seconds)
 
     @contextlib.asynccontextmanager
     async def _ending(self, name: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
@@ -308,14 +310,11 @@ class Servicer(pb_grpc.TextGenerationServicer):
                 self.app.commit(gen)  # the transport took the final message
 
     async def _write(self, context: grpc.aio.ServicerContext, msg: pb.GenerateStreamResponse) -> None:
-        """Send one stream message, waiting at most the pause limit for the client to make room: a client that
-        reads nothing for that long must not keep its call, and its place under max_concurrent_rpcs, for ever
-        (the engine has ended its sequence by then; this ends the call that waits to deliver the last message)."""
-        limit = self.app.settings.max_pause_seconds
+        """Send one stream message, waiting at most the pause limit for the client to make room (``WriteGuard``):
+        a client that reads nothing for that long must not keep its call for ever (the engine has ended its
+        sequence by then; this ends the call that waits to deliver the last message)."""
         try:
-            await asyncio.wait_for(context.write(msg), limit)
-        except asyncio.TimeoutError:
-            raise SlowReaderError(f"the client read nothing for {limit:g} s (max_pause_seconds)") from None
+            await self.guard.write(context, msg)
         except _CallEnded:  # the client cancelled (or its deadline passed) while the message was being sent
             raise asyncio.CancelledError from None
 
