@@ -239,6 +239,7 @@ class App:
                 logprobs=spec.logprobs,
                 deadline=None if time_remaining is None else time.monotonic() + time_remaining,
                 loop=loop,
+                keep_context=session is not None or spec.return_snapshot,  # else its state row stays on the device
             )
             engine.submit(seq)
         except BaseException:

@@ -79,31 +79,31 @@ def _graph_run_options(graph_id: int) -> ort.RunOptions:
 
 
 class _Bucket:
-    """Fixed-shape device buffers for decode steps of up to ``size`` rows (CUDA graphs replay fixed addresses)."""
+    """Decode-step buffers of one batch size, bound once: the inputs on the device, updated in place each step,
+    and the logits bound to host memory (on a GPU ONNX Runtime copies them out itself). Under CUDA graphs the
+    addresses must not change between replays; without them this saves rebinding every step."""
 
-    def __init__(self, state: BatchState, size: int, graph_id: int) -> None:
+    def __init__(self, state: BatchState, size: int, graph_id: int | None) -> None:
         device, device_id = state.sessions.device, state.sessions.device_id
         self.size = size
         self.tokens = ort.OrtValue.ortvalue_from_shape_and_type([size, 1], np.int64, device, device_id)
         self.slots = ort.OrtValue.ortvalue_from_shape_and_type([size], np.int64, device, device_id)
-        self.logits = ort.OrtValue.ortvalue_from_shape_and_type(
-            [size, 1, state.vocab], state.dtype.type, device, device_id
-        )
+        self.logits = np.empty((size, 1, state.vocab), state.dtype)
         self.io = state._bound(state.sessions.step)
         self.io.bind_ortvalue_input("tokens", self.tokens)
         self.io.bind_ortvalue_input("positions", state._position)
         self.io.bind_ortvalue_input(SLOTS, self.slots)
-        self.io.bind_ortvalue_output("logits", self.logits)
-        self.options = _graph_run_options(graph_id) if state.sessions.cuda_graphs else None
+        self.io.bind_output("logits", "cpu", 0, state.dtype, self.logits.shape, self.logits.ctypes.data)
+        self.options = _graph_run_options(graph_id) if graph_id is not None else None
 
 
 class BatchState:
     """``capacity`` slots of state on the device, and the graph calls that use them.
 
-    With ``static_shapes`` (always under CUDA graphs) a decode step runs at a fixed batch size, the next power of
-    two (capped at ``capacity``): its rows are padded with a scratch slot and token 0, its inputs are copied into
-    that size's device buffers, and under CUDA graphs it replays the graph captured for that size. Prompts, whose
-    shapes vary, run outside the graphs."""
+    A decode step runs through buffers bound once per batch size (``_Bucket``); the last size's are kept, so a
+    steady batch rebinds nothing. With ``static_shapes`` (always under CUDA graphs) a decode step runs at a fixed
+    batch size, the next power of two: its rows are padded with a scratch slot and token 0, and under CUDA graphs
+    it replays the graph captured for that size. Prompts, whose shapes vary, never run in a captured graph."""
 
     def __init__(
         self,
@@ -155,7 +155,11 @@ class BatchState:
     def acquire(self, state: State) -> int:
         """A free slot, holding ``state`` (host, ``[layers, 1, hidden]`` each)."""
         slot = self._free.pop()
-        self.put([slot], state)
+        try:
+            self.put([slot], state)
+        except BaseException:
+            self._free.append(slot)
+            raise
         return slot
 
     def release(self, slot: int) -> None:
@@ -185,9 +189,8 @@ class BatchState:
     # -- the step --------------------------------------------------------------------------------------------
     def run(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Advance the rows in ``slots`` by ``tokens`` ([batch, time] int64) and return the logits at
-        ``positions`` ([batch, len(positions), vocab], host memory, a fresh array the caller may keep)."""
-        if self.static and tokens.shape[1] == 1 and positions.size == 1 and positions[0] == 0:
-            return self._run_bucket(tokens, slots)
+        ``positions`` ([batch, len(positions), vocab], host memory, a fresh array the caller may keep): prompts and
+        scoring."""
         io = self._step
         io.bind_cpu_input("tokens", tokens)
         io.bind_cpu_input("positions", positions)
@@ -198,17 +201,26 @@ class BatchState:
         self.sessions.step.run_with_iobinding(io, self._dynamic)
         return logits
 
-    def _run_bucket(self, tokens: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    def decode(self, tokens: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """One decode step: ``tokens`` [batch] int64 into the rows in ``slots``; the logits [batch, vocab] (host
+        memory, reused by the next decode step: use them before it)."""
         n = tokens.shape[0]
-        size = min(self.capacity, 1 << (n - 1).bit_length())
+        size = 1 << (n - 1).bit_length() if self.static else n  # padded rows all use the scratch slot
         bucket = self._buckets.get(size)
         if bucket is None:
-            bucket = self._buckets[size] = _Bucket(self, size, next(self.sessions.graph_ids))
-        padded_tokens = np.zeros((size, 1), np.int64)
-        padded_tokens[:n] = tokens
-        padded_slots = np.full(size, self.scratch, np.int64)
-        padded_slots[:n] = slots
-        bucket.tokens.update_inplace(padded_tokens)
-        bucket.slots.update_inplace(padded_slots)
+            if not self.static:
+                self._buckets.clear()  # one size kept: a batch of any size may come, and each holds its logits
+            graph_id = next(self.sessions.graph_ids) if self.sessions.cuda_graphs else None
+            bucket = self._buckets[size] = _Bucket(self, size, graph_id)
+        if size == n:
+            bucket.tokens.update_inplace(tokens.reshape(n, 1))
+            bucket.slots.update_inplace(slots)
+        else:
+            padded_tokens = np.zeros((size, 1), np.int64)
+            padded_tokens[:n, 0] = tokens
+            padded_slots = np.full(size, self.scratch, np.int64)
+            padded_slots[:n] = slots
+            bucket.tokens.update_inplace(padded_tokens)
+            bucket.slots.update_inplace(padded_slots)
         self.sessions.step.run_with_iobinding(bucket.io, bucket.options)
-        return bucket.logits.numpy()[:n]
+        return bucket.logits[:n, 0]

@@ -35,7 +35,6 @@ from textgen.sampling import sample_batch
 log = logging.getLogger("textgen.engine")
 
 _IDLE_WAIT = 0.05  # seconds an idle engine sleeps before re-checking deadlines of waiting/paused sequences
-_DECODE_POSITION = np.zeros(1, np.int64)  # a decode step wants the logits of its one position
 
 
 class Engine:
@@ -131,7 +130,9 @@ class Engine:
                 for seq, finish, error in sched.retire(time.monotonic()):
                     self._finish(seq, finish=finish, error=error)
                 with sched.cond:
-                    sched.admit()
+                    admitted = sched.admit()
+                for seq in admitted:
+                    self._place(seq)
                 self._step()
             except Exception:  # a bug: fail every admitted sequence (wherever the step stopped), keep serving
                 log.exception("engine step failed for model %s", self.model.name)
@@ -141,6 +142,13 @@ class Engine:
         for seq in sched.leftovers():
             self._finish(seq, finish=Finish.CANCELLED)
         self._wakes.flush()
+
+    def _place(self, seq: Sequence) -> None:
+        try:
+            self.scheduler.place(seq)
+        except Exception:  # the device copy failed: this request fails alone, and its slot is free again
+            log.exception("copying a state row in failed for model %s", self.model.name)
+            self._finish(seq, error=TextgenError("internal error while generating (logged on the server)"))
 
     def _step(self) -> None:
         ready = self._run_prefill()
@@ -194,14 +202,14 @@ class Engine:
         rows = [s for s in self.scheduler.decode if not s.paused]
         if not rows:
             return [], None
-        tokens = np.fromiter((s.next_token for s in rows), np.int64, len(rows)).reshape(-1, 1)
+        tokens = np.fromiter((s.next_token for s in rows), np.int64, len(rows))
         slots = np.fromiter((s.slot for s in rows), np.int64, len(rows))
         t0 = time.perf_counter()
-        logits = self.state.run(tokens, _DECODE_POSITION, slots)
+        logits = self.state.decode(tokens, slots)
         self.observer.step("decode", len(rows), len(rows), time.perf_counter() - t0)
         for s in rows:
             s.context.token_count += 1
-        return rows, logits[:, 0]
+        return rows, logits
 
     # -- sampling and output ----------------------------------------------------------------------------------
     def _sample(self, rows: list[Sequence], logits: np.ndarray) -> None:
@@ -223,7 +231,7 @@ class Engine:
         if seq.phase is Phase.DONE:
             return
         ctx = None
-        if error is None and not seq.score and finish in (Finish.LENGTH, Finish.STOP):
+        if error is None and not seq.score and seq.keep_context and finish in (Finish.LENGTH, Finish.STOP):
             ctx = seq.context
             ctx.state = self.state.take([seq.slot]) if seq.holds_slot else seq.own_state
             if seq.phase is Phase.DECODE:

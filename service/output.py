@@ -53,7 +53,9 @@ class OutputProcessor:
         """Hand each row its sampled token; return the rows that are done."""
         interval = self.stream_interval(len(rows))
         wanted = [i for i, s in enumerate(rows) if s.logprobs]
-        chosen = dict(zip(wanted, token_logprobs(logits[wanted], tokens[wanted]).tolist(), strict=True))
+        chosen = {}
+        if wanted:  # a softmax over the rows that asked, none otherwise
+            chosen = dict(zip(wanted, token_logprobs(logits[wanted], tokens[wanted]).tolist(), strict=True))
         now = time.monotonic()
         text = self.text
         bare, spaced, eos = text.bare, text.spaced, text.eos

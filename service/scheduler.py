@@ -68,11 +68,14 @@ class Scheduler:
     def runnable(self) -> bool:
         return bool(self.waiting) or bool(self.prefill) or any(not s.paused for s in self.decode)
 
-    def _take_slot(self, seq: Sequence) -> None:
+    def place(self, seq: Sequence) -> None:
+        """Copy an admitted sequence's state into a slot (outside ``cond``: a graph call, a device copy on a
+        GPU); then it runs. If the copy fails the slot is free again and the caller ends the sequence."""
         seq.slot = self.state.acquire(seq.own_state)
         seq.own_state = ()
         seq.holds_slot = True
-        self.admitted += 1
+        if seq.phase is Phase.PREFILL:
+            self.prefill.append(seq)
 
     def release_slot(self, seq: Sequence, keep_state: bool) -> None:
         """Free the slot of ``seq`` (if it holds one), first copying its state row out when it will need it."""
@@ -81,29 +84,34 @@ class Scheduler:
                 seq.own_state = self.state.take([seq.slot])
             self.state.release(seq.slot)
             seq.slot, seq.holds_slot = -1, False
+        if seq.counted:
+            seq.counted = False
             self.admitted -= 1
 
-    def admit(self) -> None:
+    def admit(self) -> list[Sequence]:
         """Fill free slots in order of readiness: waiting requests by arrival, paused sequences by when their
-        reader made room again. Call with ``cond`` held."""
+        reader made room again. Call with ``cond`` held: it only takes them off the queue and counts them (so
+        the engine is never idle-looking meanwhile); the engine then ``place``s each, without the lock."""
         now = time.monotonic()
+        out: list[Sequence] = []
         ready = sorted((s for s in self.decode if s.paused and s.ready_since), key=lambda s: s.ready_since)
         while (ready or self.waiting) and self.admitted < self.max_batch:
             if ready and (not self.waiting or ready[0].ready_since <= self.waiting[0].arrived):
                 seq = ready.pop(0)
                 seq.paused, seq.ready_since = False, 0.0
-                self._take_slot(seq)
-                continue
-            seq = self.waiting.popleft()
-            if self.reap_reason(seq, now) is not None:
-                self.waiting.appendleft(seq)  # reaped at the next step, with the others
-                break
-            seq.phase = Phase.PREFILL
-            seq.admitted = now
-            self.prefill.append(seq)
-            self._take_slot(seq)
-            self.live[seq.id] = seq
-            self.observer.admitted(seq)
+            else:
+                seq = self.waiting.popleft()
+                if self.reap_reason(seq, now) is not None:
+                    self.waiting.appendleft(seq)  # reaped at the next step, with the others
+                    break
+                seq.phase = Phase.PREFILL
+                seq.admitted = now
+                self.live[seq.id] = seq
+                self.observer.admitted(seq)
+            seq.counted = True
+            self.admitted += 1
+            out.append(seq)
+        return out
 
     @staticmethod
     def reap_reason(seq: Sequence, now: float) -> TextgenError | None:
@@ -121,10 +129,7 @@ class Scheduler:
         ending: list[Ending] = []
         for seq in [*waiting, *self.prefill, *self.decode]:
             reason = self.reap_reason(seq, now)
-            if reason is not None:
-                with self.cond:
-                    if seq in self.waiting:
-                        self.waiting.remove(seq)
+            if reason is not None:  # a waiting one stays queued until it is ended (``remove``)
                 ending.append((seq, None, reason))
         ended = {id(seq) for seq, _, _ in ending}
         ready = 0
@@ -169,7 +174,11 @@ class Scheduler:
             self.prefill.remove(seq)
         if seq in self.decode:
             self.decode.remove(seq)
-        if seq.phase is not Phase.WAITING:
+        if seq.phase is Phase.WAITING:
+            with self.cond:
+                if seq in self.waiting:
+                    self.waiting.remove(seq)
+        else:
             self.live.pop(seq.id, None)
         self.release_slot(seq, keep_state=False)
 

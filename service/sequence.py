@@ -83,6 +83,7 @@ class Sequence:
     score_targets: np.ndarray | None = None  # a scoring pass: log-probability of targets[i] after feed[: i + 1]
     loop: asyncio.AbstractEventLoop | None = None  # the transport's loop, woken when output is ready
     on_ready: Callable[[], None] | None = None  # or a plain callback (engine thread), for loop-less consumers
+    keep_context: bool = True  # its final context is wanted (a session, a snapshot): copy its state row out
 
     def __post_init__(self) -> None:
         self.id = next(_ids)
@@ -98,7 +99,8 @@ class Sequence:
         self.paused = False  # out of the decode batch: its stream buffer is full, or it waits for a slot again
         self.paused_since = 0.0  # when its buffer last filled up (0: not full); the pause limit counts from here
         self.ready_since = 0.0  # paused, when its reader made room again (0: not waiting for a slot)
-        self.holds_slot = False  # counts against max_batch_size (admitted and not paused)
+        self.counted = False  # counts against max_batch_size (admitted and not paused), slot or not yet
+        self.holds_slot = False  # its state is in a slot of the batch state
         self.slot = -1  # while it holds one: its row of the device-resident batch state
         self.cancel_reason: TextgenError | None = None
         self.own_state = self.context.state  # the state (host) while it holds no slot: before admission, paused

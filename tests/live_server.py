@@ -60,28 +60,32 @@ class Recorder(EngineObserver):
 
 
 class Gate:
-    """Holds the engine thread inside the model's graph call until ``release``: whatever is submitted meanwhile
-    waits (queued, or in flight for the sequence whose call is held)."""
+    """Holds the engine thread inside the model's next graph call (a prompt or a decode step) until ``release``:
+    whatever is submitted meanwhile waits (queued, or in flight for the sequences whose call is held)."""
 
     def __init__(self, engine: Engine) -> None:
         self._state = engine.state
-        self._run = engine.state.run
         self.entered = threading.Event()
         self._open = threading.Event()
-        self._state.run = self._held  # type: ignore[method-assign]
+        for name in ("run", "decode"):
+            setattr(self._state, name, self._holding(getattr(self._state, name)))
 
-    def _held(self, *args: Any) -> Any:
-        self.entered.set()
-        if not self._open.wait(CALL_TIMEOUT):
-            raise AssertionError("gate never released")
-        return self._run(*args)
+    def _holding(self, call: Callable[..., Any]) -> Callable[..., Any]:
+        def held(*args: Any) -> Any:
+            self.entered.set()
+            if not self._open.wait(CALL_TIMEOUT):
+                raise AssertionError("gate never released")
+            return call(*args)
+
+        return held
 
     def wait_entered(self) -> None:
         assert self.entered.wait(CALL_TIMEOUT), "the engine never ran the model"
 
     def release(self) -> None:
         self._open.set()
-        self._state.__dict__.pop("run", None)
+        for name in ("run", "decode"):
+            self._state.__dict__.pop(name, None)
 
 
 class Live:
