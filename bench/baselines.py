@@ -124,20 +124,19 @@ def raw_iobinding_loop(model: Any, pool: Any, params: Sequence[SamplingParams], 
     engine holds them: only token ids go in and logits come out each step."""
     batch = len(params)
     slots = np.arange(batch, dtype=np.int64)
-    position = np.zeros(1, np.int64)
     start = model.tokenizer.start_id
-    tokens = np.full((batch, 1), start, np.int64)
+    tokens = np.full(batch, start, np.int64)
     rows = Rows(params, model.vocab_size, start)
 
     def reset() -> None:
         nonlocal tokens, rows
         pool.put(list(range(batch)), model.zero_state(batch))
-        tokens = np.full((batch, 1), start, np.int64)
+        tokens = np.full(batch, start, np.int64)
         rows = Rows(params, model.vocab_size, start)
 
     def step() -> None:
         nonlocal tokens
-        tokens = rows.sample(pool.run(tokens, position, slots)[:, 0])
+        tokens = rows.sample(pool.decode(tokens, slots)).reshape(-1)
 
     reset()
     for _ in range(WARM_UP_STEPS):
