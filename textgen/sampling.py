@@ -1,25 +1,53 @@
 """The sampling rule, defined once, in numpy, so that the torch reference sampler (``textgen sample``) and the
 ONNX Runtime service draw the same token for the same logits and seed.
 
-For one row of logits the rule is, in this order:
+For one row of logits the rule is, in this order, all in float32 (float16 logits are widened exactly, float64
+ones rounded; temperature, penalty and top_p are rounded to float32, the first two to at least 2^-126; NaN
+logits are not supported):
 1. repetition penalty (CTRL, Keskar et al. 2019) on every token already seen in the prompt or the output:
-   a positive logit is divided by the penalty, a negative one multiplied;
-2. temperature 0 means greedy: the arg-max, and no random number is drawn;
-3. otherwise divide by the temperature, keep the ``top_k`` largest logits (ties with the k-th kept), take
-   the softmax, keep the smallest set of most probable tokens whose mass reaches ``top_p``;
-4. draw one uniform ``u`` in [0, 1) from the request's own PCG64 generator and pick the first token whose
-   cumulative (unnormalised) probability exceeds ``u`` times the total: inverse-CDF sampling.
-Everything is computed in float64 so that near-ties resolve the same way everywhere.
+   a positive logit is divided by the penalty, any other multiplied by it;
+2. temperature 0 means greedy: the arg-max (the lowest id among equals), and no random number is drawn;
+3. otherwise the logits are divided by the temperature. If the largest logit is not finite (+inf, or every
+   logit -inf), the tokens equal to it get logit 0 and all others -inf;
+4. ``top_k``: tokens below the k-th largest logit are dropped (ties with the k-th are kept);
+5. ``p = exp(logit - largest logit)``: the largest gets exactly 1, dropped tokens 0;
+6. ``top_p``: the tokens sorted by ``p`` descending (equal ``p``: lower id first) are kept up to and
+   including the first at which their running sum reaches ``top_p * total`` (``total`` as in 7, of the ``p``
+   of step 5); all of them if it never does. The others get ``p = 0``;
+7. the pick: inverse CDF over token-id order with one uniform ``u`` in [0, 1) from the request's own PCG64
+   generator, on two levels. The vocabulary is cut into blocks of BLOCK (256) ids, the last one shorter if
+   need be; ``S[b]`` is numpy's sum of block ``b``'s ``p`` (``np.add.reduce``: pairwise, fixed for a given
+   length), ``C[b]`` the running sum of ``S`` up to block ``b`` and ``total`` the last ``C``. With
+   ``t = u * total`` (float64), the pick is in the first block ``b`` whose ``C[b] > t``: the first token in
+   it whose ``C[b-1] + Q > t`` (``C[b-1]`` 0 for the first block; ``Q`` the running sum of ``p`` in the
+   block up to and including the token; the sum and comparison in float64). Where rounding leaves no such
+   block or token, the pick is the last token with ``p > 0`` in block ``b`` (the last block when no
+   ``C[b]`` exceeds ``t``). Either way the token picked has ``p > 0``.
+Running sums are sequential float32 sums; the exponential and the block sums are numpy's float32 routines
+(bit-identical on one machine and numpy build, not necessarily across CPUs or numpy versions). Every step is
+elementwise or confined to one row (``tests/test_sampling.py`` checks the numpy paths taken for one row and for
+many give the same bits), so a row's token depends only on its own logits, parameters and generator: a seeded
+request draws the same token alone or batched with others. Exactly one ``random()`` is drawn per sampled row
+and call. ``bench/sampling.py`` holds a plain per-row implementation of this rule; the tests hold
+``sample_batch`` to it token for token.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from textgen.errors import InvalidInputError
+
+BLOCK = 256  # tokens per block of the pick: the CDF is a few dozen block sums plus one block's running sum
+CANDIDATES = 1024  # first top_p candidate set: the nucleus of most rows, grown for the rows it does not hold
+_TINY = float(np.finfo(np.float32).tiny)
+ROW_SORT = 512  # top_p on a single row up to this size: one stable argsort (cheaper below, dearer above)
 
 
 @dataclass(frozen=True)
@@ -73,73 +101,237 @@ def sample_batch(
     logits: np.ndarray,
     params: Sequence[SamplingParams],
     rngs: Sequence[np.random.Generator],
-    seen: np.ndarray | None = None,
+    seen: np.ndarray | Sequence[np.ndarray] | None = None,
 ) -> np.ndarray:
     """Pick one token per row of ``logits`` (``[batch, vocab]``), each row with its own parameters and generator.
 
-    Every operation is row-wise (elementwise, or a reduction along the vocabulary axis computed the same way for
-    one row as for many), so a row's token depends only on its own logits, parameters and generator: a seeded
-    request draws the same text alone or batched with others. Rows that share a setting are filtered together
-    (one ``np.partition`` per distinct ``top_k``), so the cost is a few vectorised passes, not a Python loop;
-    filters nobody asked for cost nothing (a batch-1 call is a handful of numpy operations)."""
-    x = np.array(logits, dtype=np.float64)  # a copy: filtered in place below
+    ``seen`` (``[batch, vocab]`` booleans, or one such row per request) feeds the repetition penalty. Each
+    filter costs only the rows that ask for it, and works on candidate sets (``np.partition``), never on
+    fully sorted rows; the pick reads a few dozen block sums and one block, not a running sum of the row."""
+    # A tiny temperature or penalty may overflow logits to +-inf, which step 3 provides for: no warnings then.
+    extreme = any(0.0 < sp.temperature < 1e-3 or sp.repetition_penalty < 1e-3 for sp in params)
+    with np.errstate(over="ignore") if extreme else contextlib.nullcontext():
+        return _sample_batch(logits, params, rngs, seen)
+
+
+def _sample_batch(
+    logits: np.ndarray,
+    params: Sequence[SamplingParams],
+    rngs: Sequence[np.random.Generator],
+    seen: np.ndarray | Sequence[np.ndarray] | None,
+) -> np.ndarray:
+    x = np.array(logits, dtype=np.float32)  # a copy: filtered in place below
     batch, vocab = x.shape
-    out = np.empty(batch, dtype=np.int64)
-
     if seen is not None:
-        for i, sp in enumerate(params):
-            if sp.repetition_penalty != 1.0:
-                mask = seen[i]
-                if mask.any():
-                    hit = x[i, mask]
-                    x[i, mask] = np.where(hit > 0, hit / sp.repetition_penalty, hit * sp.repetition_penalty)
-
-    temperature = np.fromiter((sp.temperature for sp in params), np.float64, batch)
-    greedy = temperature == 0.0
-    if greedy.any():
-        out[greedy] = np.argmax(x[greedy], axis=1)
-        rows = np.flatnonzero(~greedy)
-        if rows.size == 0:
+        _penalise(x, params, seen)
+    sampled = [i for i, sp in enumerate(params) if sp.temperature != 0.0]
+    if len(sampled) < batch:
+        out = np.argmax(x, axis=1)
+        if not sampled:
             return out
-        x = x[rows]
-        params = [params[i] for i in rows]
-        rngs = [rngs[i] for i in rows]
-        temperature = temperature[rows]
-    else:
-        rows = None  # every row samples: no gather, no scatter
-    x /= temperature[:, None]
-    n = x.shape[0]
-    if any(0 < sp.top_k < vocab for sp in params):
-        top_k = np.fromiter((sp.top_k for sp in params), np.int64, n)
-        for k in np.unique(top_k[(top_k > 0) & (top_k < vocab)]):
-            sel = np.flatnonzero(top_k == k)
-            kth = np.partition(x[sel], vocab - k, axis=1)[:, vocab - k]
-            sub = x[sel]
-            sub[sub < kth[:, None]] = -np.inf  # ties with the k-th are kept
-            x[sel] = sub
-    x -= x.max(axis=1, keepdims=True)
-    p = np.exp(x, out=x)
-
-    if any(sp.top_p < 1.0 for sp in params):
-        top_p = np.fromiter((sp.top_p for sp in params), np.float64, n)
-        nucleus = np.flatnonzero(top_p < 1.0)
-        sub = p[nucleus]
-        order = np.argsort(-sub, axis=1, kind="stable")
-        mass = np.cumsum(np.take_along_axis(sub, order, axis=1), axis=1)
-        # Keep tokens until the kept mass reaches top_p of the total (the first one always).
-        keep = (mass < top_p[nucleus, None] * mass[:, -1:]).sum(axis=1) + 1
-        dropped = np.arange(vocab)[None, :] >= keep[:, None]
-        np.put_along_axis(sub, order, np.where(dropped, 0.0, np.take_along_axis(sub, order, axis=1)), axis=1)
-        p[nucleus] = sub
-
-    cdf = np.cumsum(p, axis=1)
-    u = np.fromiter((r.random() for r in rngs), np.float64, n)
-    picked = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1)  # == searchsorted(side="right") per row
-    # u * total can round up to total; never pick past the last token with any probability. Only then is
-    # ``picked`` past it (the cdf is flat after the last such token), so only those rows look for it.
-    for i in np.flatnonzero(picked == vocab):
-        picked[i] = vocab - 1 - np.argmax(p[i, ::-1] > 0)
-    if rows is None:
+        x = x[sampled]
+        params = [params[i] for i in sampled]
+        rngs = [rngs[i] for i in sampled]
+    n = len(params)
+    temperature = {sp.temperature for sp in params}
+    if len(temperature) > 1:  # dividing by 1 changes nothing: rows at 1 may share the pass
+        x /= np.array([_float32(sp.temperature) for sp in params], np.float32)[:, None]
+    elif temperature != {1.0}:
+        x /= _float32(temperature.pop())
+    peak = np.maximum.reduce(x, axis=1)
+    if not all(map(math.isfinite, peak.tolist())):  # (cheaper than np.isfinite(...).all() on a few rows)
+        for i in np.flatnonzero(~np.isfinite(peak)):
+            x[i] = np.where(x[i] == peak[i], np.float32(0), np.float32(-np.inf))
+            peak[i] = 0
+    p = _probabilities(x, peak, [sp.top_k if 0 < sp.top_k < vocab else 0 for sp in params])
+    nucleus = [i for i, sp in enumerate(params) if sp.top_p < 1.0]
+    if nucleus:
+        top_p = np.array([params[i].top_p for i in nucleus], np.float32)
+        if len(nucleus) == n:
+            _nucleus(p, top_p)
+        else:
+            sub = p[nucleus]
+            _nucleus(sub, top_p)
+            p[nucleus] = sub
+    u = np.array([r.random() for r in rngs])  # float64: exactly one draw per sampled row
+    picked = _pick(p, u)
+    if len(sampled) == batch:
         return picked
-    out[rows] = picked
+    out[sampled] = picked
     return out
+
+
+def _float32(parameter: float) -> np.float32:
+    """A temperature or penalty as it meets the logits: float32, at least float32's smallest normal number (one
+    that rounded to 0 would turn a logit of 0, or of -inf, into NaN)."""
+    return np.float32(max(parameter, _TINY))
+
+
+def _penalise(x: np.ndarray, params: Sequence[SamplingParams], seen: np.ndarray | Sequence[np.ndarray]) -> None:
+    """The repetition penalty, in place, on the seen tokens of the rows that ask for it: one masked gather and
+    scatter for the batch (the per-row loop it replaces cost more than the arithmetic)."""
+    penalty = [sp.repetition_penalty for sp in params]
+    if all(v == 1.0 for v in penalty):
+        return
+    mask = np.asarray(seen, dtype=bool)
+    if 1.0 in penalty:  # rows without a penalty leave their seen tokens alone
+        mask = mask & (np.array(penalty) != 1.0)[:, None]
+    hit = x[mask]
+    factors = {v for v in penalty if v != 1.0}
+    by: np.ndarray | np.float32 = (
+        _float32(factors.pop())
+        if len(factors) == 1
+        else np.broadcast_to(np.array([_float32(v) for v in penalty])[:, None], x.shape)[mask]
+    )
+    x[mask] = np.where(hit > 0, hit / by, hit * by)
+
+
+def _probabilities(x: np.ndarray, peak: np.ndarray, top_k: list[int]) -> np.ndarray:
+    """``exp(x - peak)`` per row, 0 below each row's k-th largest logit (``x`` is reused). With a large
+    vocabulary and small k, the exponential is taken only on the survivors, about k a row."""
+    n, vocab = x.shape
+    filtered = [i for i, k in enumerate(top_k) if k]
+    if not filtered:
+        np.subtract(x, peak[:, None], out=x)
+        return np.exp(x, out=x)
+    ks = {top_k[i] for i in filtered}
+    if len(filtered) == n and len(ks) == 1:  # one k for every row: no gathers
+        kth = np.partition(x, vocab - top_k[0], axis=1)[:, vocab - top_k[0]]
+    else:
+        kth = np.full(n, -np.inf, np.float32)  # -inf: no filter
+        for k in ks:
+            sel = [i for i in filtered if top_k[i] == k]
+            kth[sel] = np.partition(x[sel], vocab - k, axis=1)[:, vocab - k]
+    if vocab < 1024 or max(ks) > vocab // 8:  # the whole rows: cheaper than gathering most of them
+        np.putmask(x, x < kth[:, None], np.float32(-np.inf))
+        np.subtract(x, peak[:, None], out=x)
+        return np.exp(x, out=x)
+    if len(filtered) < n:  # the rows without a top_k: their whole row; nothing of theirs to scatter below
+        dense = [i for i, k in enumerate(top_k) if not k]
+        x[dense] = np.exp(x[dense] - peak[dense, None])
+        kth[dense] = np.inf
+    keep = np.flatnonzero(x >= kth[:, None])
+    values = np.exp(x.reshape(-1)[keep] - peak[keep // vocab])
+    if len(filtered) < n:
+        p = x
+        p[filtered] = 0
+    else:
+        p = np.zeros_like(x)
+    p.reshape(-1)[keep] = values
+    return p
+
+
+def _nucleus(p: np.ndarray, top_p: np.ndarray) -> None:
+    """Zero, in place, every token outside its row's nucleus (rule step 6).
+
+    The values alone decide how many tokens are kept and the smallest kept value (ids matter only for ties
+    with it, settled at the end by id). So each round moves a row's next ``k`` largest remaining values to the
+    end of its working copy (``np.partition``), sorts just those and continues the running sum; only rows not
+    yet at their goal go on, on the rest of their copy, with ``k`` at least doubled."""
+    n, vocab = p.shape
+    goal = top_p * _running(p)[:, -1]
+    if n == 1 and vocab <= ROW_SORT:  # one short row: a stable argsort costs less than the bookkeeping below
+        row = p[0]
+        order = np.argsort(-row, kind="stable")  # most probable first, lower id first among equals
+        last = min(int(row[order].cumsum().searchsorted(goal[0])), vocab - 1)  # first to reach the goal
+        row[order[last + 1 :]] = 0
+        return
+    settled: list[tuple[np.ndarray, ...]] = []  # per round: its rows, their cut, count and maybe-tied flag
+    todo = np.arange(n)
+    # Non-negative float32 values order as their bit patterns do: int32 partitions and sorts are faster.
+    rest, end = p.view(np.int32), vocab  # rest[:, :end]: the values not yet sorted (p itself is only read)
+    mass_before = None  # the running sum over the values sorted in earlier rounds
+    k = min(vocab, CANDIDATES)
+    while True:
+        if k < end:
+            rest = np.partition(rest[:, :end], end - k, axis=1)
+        top = np.sort(rest[:, end - k : end], axis=1)[:, ::-1].view(np.float32)  # descending: cumsum follows
+        if mass_before is not None:  # continue the running sum exactly where it stopped
+            top = np.concatenate([mass_before[:, None], top], axis=1)
+        mass = top.cumsum(axis=1)
+        if mass_before is not None:
+            top, mass = top[:, 1:], mass[:, 1:]
+        want = goal if todo.size == n else goal[todo]
+        reach = mass >= want[:, None]  # running sums never decrease: the first True is an argmax
+        found = reach[:, -1]
+        everywhere = found.all()
+        end -= k
+        last = reach.argmax(axis=1)
+        if not end and not everywhere:
+            last[~found] = k - 1  # never reached with every token: keep them all
+        rows = np.arange(todo.size)
+        value = top[rows, last]
+        # Tokens after the cut may equal it (settled by id below): the next sorted value does, or perhaps an
+        # unsorted one where the cut is the smallest sorted value (the check below finds out).
+        tie = top[rows, np.minimum(last + 1, k - 1)] == value
+        count = vocab - end - k + last + 1
+        if everywhere or not end:
+            settled.append((todo, value, count, tie))
+            break
+        settled.append((todo[found], value[found], count[found], tie[found]))
+        left = ~found
+        # Every unsorted value is at most the smallest sorted one, which bounds how many more are needed from
+        # below; they shrink, so take twice that, and at least twice as many as sorted so far (a round costs
+        # a partition of the rest: fewer, larger rounds are cheaper).
+        short = (want[left] - mass[left, -1]) / np.maximum(top[left, -1], np.float32(1e-30))
+        k = int(min(end, 2 * max(vocab - end, np.ceil(short.max()))))
+        todo, rest, mass_before = todo[left], rest[left, :end], mass[left, -1]
+    if len(settled) == 1:  # one round for every row: in row order already
+        _, cut, count, tied = settled[0]
+    else:
+        order = np.argsort(np.concatenate([rows for rows, *_ in settled]))
+        cut, count, tied = (np.concatenate([part[i] for part in settled])[order] for i in (1, 2, 3))
+    keep = p >= cut[:, None]
+    for i in np.flatnonzero(tied):
+        extra = np.count_nonzero(keep[i]) - count[i]
+        if extra:  # ties with the cut value straddle the cut: the lower ids are kept
+            equal = np.flatnonzero(p[i] == cut[i])
+            keep[i, equal[equal.size - extra :]] = False
+    np.multiply(p, keep, out=p)
+
+
+def _running(p: np.ndarray) -> np.ndarray:
+    """``[0, C[0], C[1], ...]``: the running float32 sum of the block sums ``S``, numpy's sum of each block of
+    BLOCK tokens (the last one shorter when BLOCK does not divide the vocabulary), each block reduced alone
+    whatever the batch. The leading 0 is what comes before the first block."""
+    n, vocab = p.shape
+    full, tail = divmod(vocab, BLOCK)
+    c = np.zeros((n, 1 + full + (tail > 0)), np.float32)
+    if full:
+        blocks = as_strided(p, (n, full, BLOCK), (p.strides[0], BLOCK * p.itemsize, p.itemsize), writeable=False)
+        np.add.reduce(blocks, axis=2, out=c[:, 1 : full + 1])
+    if tail:
+        np.add.reduce(p[:, full * BLOCK :], axis=1, out=c[:, -1])
+    return np.cumsum(c, axis=1, out=c)
+
+
+def _pick(p: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Rule step 7: the two-level inverse CDF, one uniform ``u`` per row. Running sums never decrease, so the
+    first one above ``t`` is an ``argmax`` of a comparison (its last entry says whether there is one)."""
+    n, vocab = p.shape
+    block: np.ndarray | None = None
+    if vocab <= BLOCK:  # one block: its sum is the total, and nothing comes before it
+        total = np.add.reduce(p, axis=1)
+        t = u * total  # float64
+        q = p.cumsum(axis=1)
+        above = q > t[:, None]
+        picked = above.argmax(axis=1)
+        found = np.minimum(total, q[:, -1]) > t  # the block, and a token in it, above t
+    else:
+        c = _running(p)
+        t = u * c[:, -1]  # float64
+        over = c[:, -1] <= t  # no block's running sum exceeds t: only where u * total rounded up to the total
+        block = np.where(over, c.shape[1] - 2, (c > t[:, None]).argmax(axis=1) - 1)
+        rows = np.arange(n)
+        cols = block[:, None] * BLOCK + np.arange(BLOCK)
+        if vocab % BLOCK:  # the last block is shorter: its missing tokens count as 0
+            q = np.cumsum(p[rows[:, None], np.minimum(cols, vocab - 1)] * (cols < vocab), axis=1)
+        else:
+            q = np.cumsum(p[rows[:, None], cols], axis=1)
+        above = c[rows, block].astype(np.float64)[:, None] + q > t[:, None]  # float64; q is flat past the end
+        picked = block * BLOCK + above.argmax(axis=1)
+        found = above[:, -1] & ~over
+    for r in [r for r, ok in enumerate(found.tolist()) if not ok]:  # rounding left no token: the last with p > 0
+        end = vocab if block is None else min(vocab, (int(block[r]) + 1) * BLOCK)
+        picked[r] = end - 1 - np.argmax(p[r, :end][::-1] > 0)
+    return picked
