@@ -216,7 +216,7 @@ class Engine:
         params = [s.params for s in rows]
         seen = None
         if any(p.repetition_penalty != 1.0 for p in params):  # only the penalty reads the seen-token masks
-            seen = np.stack([s.context.seen for s in rows])
+            seen = [s.context.seen for s in rows]
         tokens = sample_batch(logits, params, [s.context.rng for s in rows], seen)
         for seq in rows:
             if seq.phase is Phase.PREFILL:  # its first token: it joins the decode batch
