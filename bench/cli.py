@@ -44,7 +44,7 @@ def register(commands: Any) -> None:
         help="a real server under C concurrent streams vs raw decode loops, batch-1 serving and batched torch eager",
         description="Exports CHECKPOINT to one bundle per precision, starts `textgen serve` on it and drives it "
         "with C concurrent streaming clients using a mix of sampling settings (stream i: temperature 1; + top_k "
-        "40; + top_p 0.9; + repetition penalty 1.3, by i %% 4). In the same run, with the same per-stream "
+        "40; + top_p 0.9; + repetition penalty 1.3, by i % 4). In the same run, with the same per-stream "
         "settings and seeds, it measures the raw decode loops at batch C (the exported graph with numpy feeds; "
         "the service's step graph over device-resident state with IOBinding, and on --device cuda with CUDA "
         "graphs too), the server with --max-batch-size 1, and a PyTorch eager loop batched at C. Each C runs "
