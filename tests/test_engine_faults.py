@@ -82,9 +82,9 @@ def _hold_puts(engine: Engine) -> tuple[threading.Event, threading.Event]:
 
 
 def test_a_row_copy_that_fails_at_admission_fails_its_request_and_frees_its_slot(served_bundle: Path) -> None:
-    """``acquire`` pops a slot and then copies the row in; when the copy raises, the slot is never returned, and
-    the sequence, already appended to ``prefill`` but not yet in ``live``, is not failed by the recovery: it runs
-    with slot -1, which Gather/ScatterND wrap to the pool's last row, and ends as a success with a wrong text."""
+    """A row copy into the pool that fails at admission fails that request (INTERNAL) and gives its slot back.
+    (It once leaked the slot and left the request running in slot -1, which Gather/ScatterND wrap to the pool's
+    last row: a success with a wrong text.)"""
     engine = _engine(served_bundle, max_batch_size=2)
     _fail_next_put(engine)
     seq = _reading(engine, seed=1, max_tokens=5)
@@ -101,9 +101,8 @@ def test_a_row_copy_that_fails_at_admission_fails_its_request_and_frees_its_slot
 
 
 def test_after_a_failed_row_copy_no_two_sequences_share_a_state_row(served_bundle: Path) -> None:
-    """The leak of the test above, later: with one slot lost, admitting a full batch pops an empty free list
-    (IndexError) -- every running sequence fails with INTERNAL, and the new one is again left running in slot -1,
-    which is the row the next request is given."""
+    """After a failed row copy, a full batch still admits: every sequence runs in a slot of its own. (With the
+    slot leaked, a full batch popped an empty free list and failed every running sequence.)"""
     engine = _engine(served_bundle, max_batch_size=2)
     _fail_next_put(engine)
     first = _reading(engine, seed=1, max_tokens=3)
@@ -123,9 +122,8 @@ def test_after_a_failed_row_copy_no_two_sequences_share_a_state_row(served_bundl
 
 
 def test_a_failed_row_copy_out_while_pausing_still_ends_the_requests_reaped_in_that_step(served_bundle: Path) -> None:
-    """``retire`` takes the cancelled and expired requests off the queue, then pauses full streams, which copies
-    their rows out; when that copy raises, the requests it had already taken off the queue are in no list and not
-    in ``live``: the recovery never ends them (no result, never counted as ended), though the engine reports idle."""
+    """A cancelled request still queued ends with a result even when the same step's pause (a row copy out) fails:
+    it stays queued until it is ended. (Taken off the queue first, it was once lost: no result, never counted.)"""
     engine = _engine(served_bundle, max_batch_size=1, stream_buffer_tokens=3)
     model = engine.model
     feed = np.array(model.tokenizer.encode("the qu"), np.int64)
@@ -165,9 +163,9 @@ def test_a_failed_row_copy_out_while_pausing_still_ends_the_requests_reaped_in_t
 
 
 def test_the_engine_runs_no_graph_under_the_lock_the_transport_takes(served_bundle: Path) -> None:
-    """``submit`` and ``wake`` run on the server's event loop and take ``scheduler.cond``; ``admit`` now runs a
-    graph call (the row copy, a host->device copy and a sync on a GPU) per admitted sequence with that lock held,
-    so the event loop stalls behind every admission burst."""
+    """``submit`` and ``wake`` run on the server's event loop and take ``scheduler.cond``: the engine must not hold
+    it during a graph call (a row copy in is a host->device copy and a sync on a GPU), or the event loop stalls
+    behind every admission burst."""
     engine = _engine(served_bundle)
     inside, release = _hold_puts(engine)
     seq = _reading(engine, seed=1, max_tokens=3)
@@ -185,10 +183,8 @@ def test_the_engine_runs_no_graph_under_the_lock_the_transport_takes(served_bund
 
 
 def test_a_request_being_admitted_keeps_the_engine_busy(served_bundle: Path) -> None:
-    """Between ``waiting.popleft()`` and ``live[seq.id] = seq`` the engine now runs the row copy (ONNX Runtime
-    releases the GIL), and for all that time ``idle`` is true and ``queued`` and ``running`` are 0: a graceful
-    shutdown that polls ``app.busy`` then stops at once and cancels the request instead of giving it the grace
-    period, and the metrics show an empty engine."""
+    """While its row is being copied in (ONNX Runtime releases the GIL), an admitted request counts as running:
+    a graceful shutdown polling ``app.busy`` must give it the grace period, and the metrics must show it."""
     engine = _engine(served_bundle)
     inside, release = _hold_puts(engine)
     seq = _reading(engine, seed=1, max_tokens=3)
@@ -207,9 +203,8 @@ def test_a_request_being_admitted_keeps_the_engine_busy(served_bundle: Path) -> 
 
 
 def test_a_plain_generation_copies_no_state_row_out(serve: Callable[..., Any]) -> None:
-    """README: "a row is copied out only when a session, a snapshot or a paused stream needs it". ``_finish`` copies
-    the row of every generation that ends by length or stop (a graph call, and a device->host copy and sync on a
-    GPU), whether or not anyone will read it."""
+    """README: "a row is copied out only when a session, a snapshot or a paused stream needs it": a generation
+    without either copies none (on a GPU each is a graph call, a device->host copy and a sync)."""
     live = serve()
     state = live.engine.state
     real = state.take
@@ -235,9 +230,8 @@ def _static(engine: Engine) -> Engine:
 
 
 def test_static_shape_logits_are_the_callers_to_keep(served_bundle: Path) -> None:
-    """``BatchState.run`` promises "a fresh array the caller may keep"; the bucket path returns
-    ``bucket.logits.numpy()[:n]``, which on the CPU is a view of the bucket's buffer, rewritten by the next call
-    of that bucket size."""
+    """``BatchState.run`` (prompts) returns a fresh array the caller may keep, with static shapes too: only
+    ``decode`` reuses its buffers."""
     model = next(iter(ModelRegistry.load(ServerSettings(bundle=served_bundle, providers=["CPUExecutionProvider"]))))
     pool = model.batch_state(4, static_shapes=True)
     pool.put([0, 1], model.zero_state(2))
@@ -251,8 +245,8 @@ def test_static_shapes_a_one_token_prompt_beside_a_decoding_stream_samples_its_o
     served_bundle: Path,
 ) -> None:
     """A one-token prompt chunk (an empty prompt, a session's pending token, the last token of a chunked prompt)
-    runs through the decode bucket; the engine keeps its logits row while the same step's decode call rewrites
-    that bucket, so its first token is drawn from another sequence's logits."""
+    beside a decoding stream samples from its own logits, with static shapes: the engine keeps a prompt's logits
+    row while the same step decodes, so the two must never share a buffer."""
     params = SamplingParams(temperature=0.8)
     alone = _static(_engine(served_bundle))
     ref = _reading(alone, seed=5, max_tokens=6, prompt="", params=params, logprobs=True)
@@ -282,8 +276,8 @@ def _is_power_of_two(n: int) -> bool:
 
 
 def test_static_buckets_are_powers_of_two_as_the_readme_says(served_bundle: Path) -> None:
-    """README: "With --cuda-graphs decode steps run at power-of-two batch sizes (padded)". The top bucket is capped
-    at the capacity, so with --max-batch-size 48 a step of 33 to 48 rows runs at 48."""
+    """README: "With --cuda-graphs decode steps run at power-of-two batch sizes (padded)", whatever the capacity
+    (the padded rows all use the scratch slot)."""
     model = next(iter(ModelRegistry.load(ServerSettings(bundle=served_bundle, providers=["CPUExecutionProvider"]))))
     pool = model.batch_state(6, static_shapes=True)
     pool.put(list(range(6)), model.zero_state(6))
@@ -293,8 +287,7 @@ def test_static_buckets_are_powers_of_two_as_the_readme_says(served_bundle: Path
 
 
 def test_static_prompts_run_outside_the_captured_graphs_as_the_readme_says(served_bundle: Path) -> None:
-    """README: "prompts run outside them". ``run`` picks the bucket path by shape, so every one-token prompt chunk
-    runs inside (and creates) a decode bucket."""
+    """README: "prompts run outside them": a one-token prompt chunk creates no decode bucket."""
     model = next(iter(ModelRegistry.load(ServerSettings(bundle=served_bundle, providers=["CPUExecutionProvider"]))))
     pool = model.batch_state(4, static_shapes=True)
     pool.put([0], model.zero_state(1))
@@ -334,11 +327,9 @@ class _GraphIdLog:
 
 def test_each_cuda_graph_id_is_only_ever_run_with_one_binding(served_bundle: Path) -> None:
     """Under --cuda-graphs ONNX Runtime captures one graph per gpu_graph_id (per thread) and afterwards replays it
-    for every call with that id, whatever is bound. At 584ea8e the host-feed calls (``ServedModel.run``: the
-    warm-up, tools) carry no id (so 0), and every ``BatchState`` numbers its buckets from 0, so on one thread the
-    warm-up's calls, its throw-away pool and any later pool all share graph 0: a later call replays a graph bound
-    to buffers that are gone. (``textgen serve`` escapes it only because the warm-up and the engine run on
-    different threads.)"""
+    for every call with that id, whatever is bound: each id must only ever run with one binding. (Host-feed calls
+    once ran under the default id 0, and every pool numbered its buckets from 0, so a later call could replay a
+    graph bound to buffers that were gone.)"""
     model: ServedModel = next(
         iter(ModelRegistry.load(ServerSettings(bundle=served_bundle, providers=["CPUExecutionProvider"])))
     )
