@@ -22,10 +22,9 @@ WARM_UP_STEPS = 5
 
 
 @dataclass
-class RawResult:
-    loop: str  # "graph" (numpy feeds) or "iobinding" (device-resident state)
-    device: str
-    cuda_graphs: bool
+class Timed:
+    """How long a loop took for its tokens: the figures every baseline reports."""
+
     batch: int
     steps: int
     tokens: int
@@ -33,22 +32,28 @@ class RawResult:
     step_ms: float
     tokens_per_s: float
     ms_per_token: float
-    cpu_ms_per_token: float  # this process's CPU time (ONNX Runtime's threads included) per token
+    cpu_ms_per_token: float  # this process's CPU time (ONNX Runtime's or torch's threads included) per token
+
+
+def _timing(batch: int, steps: int, seconds: float, cpu: float) -> dict[str, Any]:
+    tokens = batch * steps
+    per_token = {"ms_per_token": seconds / tokens * 1e3, "cpu_ms_per_token": cpu / tokens * 1e3}
+    return {"batch": batch, "steps": steps, "tokens": tokens, "seconds": seconds,
+            "step_ms": seconds / steps * 1e3, "tokens_per_s": tokens / seconds, **per_token}  # fmt: skip
 
 
 @dataclass
-class EagerResult:
+class RawResult(Timed):
+    loop: str  # "graph" (numpy feeds) or "iobinding" (device-resident state)
+    device: str
+    cuda_graphs: bool
+
+
+@dataclass
+class EagerResult(Timed):
     device: str
     dtype: str
     sampler: str
-    batch: int
-    steps: int
-    tokens: int
-    seconds: float
-    step_ms: float
-    tokens_per_s: float
-    ms_per_token: float
-    cpu_ms_per_token: float
 
 
 class Rows:
@@ -80,11 +85,7 @@ def _timed(step: Callable[[], None], steps: int) -> tuple[float, float]:
 
 
 def _raw_result(loop: str, device: str, graphs: bool, batch: int, steps: int, seconds: float, cpu: float) -> RawResult:
-    tokens = batch * steps
-    return RawResult(
-        loop, device, graphs, batch, steps, tokens, seconds, seconds / steps * 1e3, tokens / seconds,
-        seconds / tokens * 1e3, cpu / tokens * 1e3,
-    )  # fmt: skip
+    return RawResult(**_timing(batch, steps, seconds, cpu), loop=loop, device=device, cuda_graphs=graphs)
 
 
 def raw_graph_loop(bundle: Any, params: Sequence[SamplingParams], steps: int, device: str = "cpu") -> RawResult:
@@ -229,11 +230,8 @@ def torch_eager(model: Any, start_id: int, params: Sequence[SamplingParams], ste
             step()
         reset()
         seconds, cpu = _timed(step, steps)
-    tokens = batch * steps
-    return EagerResult(
-        device.type, str(dtype).removeprefix("torch."), TORCH_SAMPLER, batch, steps, tokens, seconds,
-        seconds / steps * 1e3, tokens / seconds, seconds / tokens * 1e3, cpu / tokens * 1e3,
-    )  # fmt: skip
+    timing = _timing(batch, steps, seconds, cpu)
+    return EagerResult(**timing, device=device.type, dtype=str(dtype).removeprefix("torch."), sampler=TORCH_SAMPLER)
 
 
 def load_torch_model(checkpoint: Any, device: str, half: bool) -> tuple[Any, int]:
