@@ -72,6 +72,11 @@ def step_sessions(bundle: Bundle, states: list[str]) -> StepSessions:
     )
 
 
+# Runs of a new CUDA graph id before it replays: ONNX Runtime runs it normally twice (its
+# min_num_runs_before_cuda_graph_capture), then captures on the third and replays from then on.
+_CAPTURE_RUNS = 3
+
+
 def _graph_run_options(graph_id: int) -> ort.RunOptions:
     options = ort.RunOptions()
     options.add_run_config_entry("gpu_graph_id", str(graph_id))
@@ -93,8 +98,28 @@ class _Bucket:
         self.io.bind_ortvalue_input("tokens", self.tokens)
         self.io.bind_ortvalue_input("positions", state._position)
         self.io.bind_ortvalue_input(SLOTS, self.slots)
-        self.io.bind_output("logits", "cpu", 0, state.dtype, self.logits.shape, self.logits.ctypes.data)
         self.options = _graph_run_options(graph_id) if graph_id is not None else None
+        self.device_logits: ort.OrtValue | None = None
+        if graph_id is None:
+            # host memory: ONNX Runtime copies the logits out itself (nothing to do on the CPU)
+            self.io.bind_output("logits", "cpu", 0, state.dtype, self.logits.shape, self.logits.ctypes.data)
+            return
+        # A replayed CUDA graph only relaunches its kernels, never the copy to a host-bound output: the logits stay
+        # on the device and are copied out after each replay. ONNX Runtime runs a new graph id normally twice, then
+        # captures: those runs happen here, on the scratch slot, so no sequence's row advances more than once.
+        self.device_logits = ort.OrtValue.ortvalue_from_shape_and_type(
+            [size, 1, state.vocab], state.dtype.type, device, device_id
+        )
+        self.io.bind_ortvalue_output("logits", self.device_logits)
+        self.tokens.update_inplace(np.zeros((size, 1), np.int64))
+        self.slots.update_inplace(np.full(size, state.scratch, np.int64))
+        for _ in range(_CAPTURE_RUNS):
+            state.sessions.step.run_with_iobinding(self.io, self.options)
+
+    def read_logits(self, n: int) -> np.ndarray:
+        if self.device_logits is not None:
+            return self.device_logits.numpy()[:n, 0]
+        return self.logits[:n, 0]
 
 
 class BatchState:
@@ -223,4 +248,4 @@ class BatchState:
             bucket.tokens.update_inplace(padded_tokens)
             bucket.slots.update_inplace(padded_slots)
         self.sessions.step.run_with_iobinding(bucket.io, bucket.options)
-        return bucket.logits[:n, 0]
+        return bucket.read_logits(n)

@@ -38,10 +38,15 @@ class WriteGuard:
             if task not in self._expired:
                 raise
             self._expired.discard(task)
-            task.uncancel()
+            # Python 3.11+ counts cancel requests: take back ours; one left over is someone else's (the client
+            # cancelled, the server shuts down) and wins. 3.10 has no count: ours is the only one we can know of.
+            uncancel = getattr(task, "uncancel", None)
+            if uncancel is not None and uncancel() > 0:
+                raise
             raise SlowReaderError(f"the client read nothing for {self.limit:g} s (max_pause_seconds)") from None
         finally:
             self._writing.pop(task, None)
+            self._expired.discard(task)
 
     async def _watch(self) -> None:
         period = min(1.0, self.limit / 4)
@@ -49,9 +54,16 @@ class WriteGuard:
             await asyncio.sleep(period)
             now = time.monotonic()
             for task, began in list(self._writing.items()):
-                if now - began >= self.limit and task not in self._expired:
-                    self._expired.add(task)
-                    task.cancel()
+                if now - began < self.limit or task in self._expired:
+                    continue
+                # A write the transport completed on this same loop iteration has delivered its message: the
+                # task is only waiting to resume. (``_fut_waiter``, the future a task awaits, is private; the C
+                # and Python Task both have it, 3.10 to 3.13.)
+                waiting_on = getattr(task, "_fut_waiter", None)
+                if waiting_on is not None and waiting_on.done():
+                    continue
+                self._expired.add(task)
+                task.cancel()
 
     async def close(self) -> None:
         if self._watchdog is not None:

@@ -4,11 +4,13 @@ was; rows copied in and out come back bit for bit; the engine frees every slot w
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from service.batch_state import BatchState
 from service.bundle import load_bundle
 from service.context import Context
 from service.engine import Engine
@@ -76,13 +78,19 @@ def test_rows_put_and_taken_come_back_exactly(model: ServedModel) -> None:
     assert all(b.dtype == np.float32 and b.flags.c_contiguous for b in back)
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_steps_of_a_sequence_in_a_moving_slot_match_a_host_loop(model: ServedModel, plain, static: bool) -> None:
+@pytest.mark.parametrize("mode", ["dynamic", "static", "graphs"])
+def test_steps_of_a_sequence_in_a_moving_slot_match_a_host_loop(model: ServedModel, plain, mode: str) -> None:
     """Twenty decode steps of one row whose batch companions and slot order change every step (the engine's
     case) give the state a host loop of the exported graph gives; also with static shapes (CUDA graphs' fixed
-    buffers per power-of-two batch size, padded with a scratch slot), whose path runs here on the CPU."""
+    buffers per power-of-two batch size, padded with a scratch slot) and with the CUDA-graph bucket path (its
+    capture runs on the scratch slot, logits read back from a device buffer), run here on CPU sessions."""
     rng = np.random.default_rng(1)
-    pool = model.batch_state(CAPACITY, static_shapes=static)
+    static = mode != "dynamic"
+    if mode == "graphs":
+        sessions = dataclasses.replace(model.sessions, cuda_graphs=True)
+        pool = BatchState(sessions, model.state_names, model.state_shape, np.float32, model.vocab_size, CAPACITY)
+    else:
+        pool = model.batch_state(CAPACITY, static_shapes=static)
     pool.put(list(range(CAPACITY)), _random_state(model, CAPACITY, rng))
     pool.put([4], model.zero_state(1))  # the row under test
     state = model.zero_state(1)
