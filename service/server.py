@@ -47,6 +47,9 @@ def _options(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", min(keepalive_ms, 10_000)),
         ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC proposal A9: connections end after an age, so long-lived clients spread over new replicas
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_seconds * 1000)),
     ]
 
 

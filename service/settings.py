@@ -45,6 +45,19 @@ class ServerSettings(BaseSettings):
         "checks and reflection are not counted, so probes keep working under overload)",
     )
     keepalive_seconds: float = Field(60.0, gt=0, description="HTTP/2 keepalive ping interval")
+    max_connection_age_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="close each client connection gracefully (HTTP/2 GOAWAY) after this long, so clients that "
+        "balance over replicas (round_robin over a dns:/// name) reconnect and reach new ones; calls in flight "
+        "go on for max_connection_age_grace_seconds",
+    )
+    max_connection_age_grace_seconds: float = Field(
+        900.0,
+        gt=0,
+        description="how long calls in flight on a connection past its age may go on (longer than any stream: "
+        "one still running then is cancelled)",
+    )
     # -- engine --------------------------------------------------------------------------------------------
     providers: Annotated[list[str], NoDecode] = Field(
         ["auto"],

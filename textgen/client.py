@@ -4,11 +4,15 @@
         for piece in client.stream_text("def ", max_tokens=200, temperature=0.7, seed=1):
             print(piece, end="", flush=True)
 
+Several replicas (``"10.0.0.1:50051,10.0.0.2:50051"`` or ``"dns:///textgen:50051"``) are balanced call by call.
+
 Every call raises ``RemoteError`` (a ``TextgenError`` carrying the server's status code and message) on failure.
 Both clients speak the ``textgen.v1`` protocol through the generated stubs; nothing here needs torch or ONNX."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from textgen.errors import TextgenError
+from textgen.errors import ConfigError, TextgenError
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as pb_grpc
 
@@ -34,6 +38,41 @@ class RemoteError(TextgenError):
         self.status = code.name
         self.code = code
         self.details = details
+
+
+# gRPC's own client-side balancing: a call goes to the next ready replica, and a replica that goes away is skipped
+# (grpc doc/load-balancing.md). The default, pick_first, would send everything to one replica.
+_ROUND_ROBIN = ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))
+
+
+def _literal(address: str) -> str:
+    """``host:port`` with a numeric host, as gRPC's ``ipv4:``/``ipv6:`` targets need it; ConfigError otherwise."""
+    host, _, port = address.strip().rpartition(":")
+    if not port.isdigit():
+        raise ConfigError(f"server {address!r}: expected HOST:PORT")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise ConfigError(
+            f"server {address!r}: a list of replicas takes IP addresses; for names use one dns:///NAME:PORT target, "
+            "whose every address is a replica"
+        ) from None
+    return f"{host}:{port}"
+
+
+def channel_target(target: str) -> tuple[str, list[tuple[str, Any]]]:
+    """The gRPC target and extra channel options for ``target``: one ``HOST:PORT`` (or any gRPC target) as is;
+    several replicas as ``HOST:PORT,HOST:PORT,...`` (IP addresses) or a ``dns:///NAME:PORT`` name with several
+    addresses, balanced call by call with gRPC's ``round_robin`` policy."""
+    if "," in target:
+        addresses = [_literal(a) for a in target.split(",") if a.strip()]
+        scheme = "ipv6" if all(a.startswith("[") for a in addresses) else "ipv4"
+        if scheme == "ipv4" and any(a.startswith("[") for a in addresses):
+            raise ConfigError(f"server {target!r}: gRPC takes one address family per list (all IPv4 or all [IPv6])")
+        return f"{scheme}:{','.join(addresses)}", [_ROUND_ROBIN]
+    if target.startswith("dns:"):
+        return target, [_ROUND_ROBIN]
+    return target, []
 
 
 def _remote(exc: grpc.RpcError) -> RemoteError:
@@ -83,7 +122,8 @@ class _Base:
         principal: str = "",
     ) -> None:
         mod = grpc.aio if self._aio else grpc
-        options = [("grpc.max_receive_message_length", 64 << 20)]
+        target, balancing = channel_target(target)
+        options = [("grpc.max_receive_message_length", 64 << 20), *balancing]
         self.channel = (
             mod.secure_channel(target, credentials, options) if credentials else mod.insecure_channel(target, options)
         )

@@ -15,7 +15,13 @@ from textgen.flags import add_sampling_flags
 
 def _connection_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
-    g.add_argument("--server", default="127.0.0.1:50051", metavar="HOST:PORT", help="server (default: %(default)s)")
+    g.add_argument(
+        "--server",
+        default="127.0.0.1:50051",
+        metavar="HOST:PORT",
+        help="server (default: %(default)s); replicas as HOST:PORT,HOST:PORT (IP addresses) or dns:///NAME:PORT, "
+        "balanced call by call (round_robin)",
+    )
     g.add_argument("--tls", action="store_true", help="connect with TLS")
     g.add_argument("--ca", type=Path, help="CA certificate to trust (PEM; default: the system's); implies --tls")
     g.add_argument("--cert", type=Path, help="client certificate for mutual TLS (PEM); implies --tls")
