@@ -140,7 +140,13 @@ class SessionStore:
             if session is None:  # gone: tell its owner why, and anyone else nothing more than for a made-up id
                 owner, reason = self._ended.get(session_id, ("", ""))
                 why = reason if principal is None or owner == principal else ""
-            raise NotFoundError(f"session {session_id!r} " + (f"was {why}" if why else "does not exist"))
+            if why:
+                raise NotFoundError(f"session {session_id!r} was {why}")
+            raise NotFoundError(
+                f"session {session_id!r} does not exist on this server (sessions live on the replica that created "
+                "them: behind a balancer, carry a conversation as a snapshot, which any replica sharing the "
+                "snapshot key continues)"
+            )
         session.last_used = self.clock()
         if not session.busy:
             self._idle.move_to_end(session_id)

@@ -27,6 +27,12 @@ from textgen.v1 import textgen_pb2_grpc as pb_grpc
 
 from live_server import CALL_TIMEOUT, Live, rpc_error, start_server
 
+# what a caller learns of a session that is not its own, or not on this replica, or made up: all the same
+_ABSENT = (
+    "session 'ID' does not exist on this server (sessions live on the replica that created them: behind a "
+    "balancer, carry a conversation as a snapshot, which any replica sharing the snapshot key continues)"
+)
+
 
 class Clock:
     """Time that moves only when a test says so."""
@@ -126,10 +132,10 @@ def test_another_principals_session_is_reported_as_nonexistent(model: ServedMode
         return str(info.value).replace(session_id, "ID")
 
     for fn in (lambda i: store.get(i, "B"), lambda i: store.acquire(i, "B"), lambda i: store.close(i, "B")):
-        assert message(fn, sid) == message(fn, made_up) == "session 'ID' does not exist"
+        assert message(fn, sid) == message(fn, made_up) == _ABSENT
     store.close(sid, "A")
     assert message(lambda i: store.get(i, "A"), sid) == "session 'ID' was closed"  # its owner learns why
-    assert message(lambda i: store.get(i, "B"), sid) == "session 'ID' does not exist"
+    assert message(lambda i: store.get(i, "B"), sid) == _ABSENT
 
 
 def test_expiry_costs_the_sessions_it_ends_and_spares_busy_ones(model: ServedModel) -> None:
