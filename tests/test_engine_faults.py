@@ -4,10 +4,11 @@ does); every wait is on observable state or an event, never on the machine's spe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,40 +163,37 @@ def test_a_failed_row_copy_out_while_pausing_still_ends_the_requests_reaped_in_t
 # -- graph calls under the scheduler's lock (scheduler.admit runs put with cond held) ------------------------------
 
 
+@contextlib.contextmanager
+def _mid_admission(bundle: Path) -> Iterator[Engine]:
+    """An engine held inside the row copy of a request it is admitting (its ``put``), released on exit."""
+    engine = _engine(bundle)
+    inside, release = _hold_puts(engine)
+    engine.submit(_reading(engine, seed=1, max_tokens=3))
+    engine.start()
+    try:
+        assert inside.wait(CALL_TIMEOUT), "the engine never copied a row in"
+        yield engine
+    finally:
+        release.set()
+        engine.stop()
+
+
 def test_the_engine_runs_no_graph_under_the_lock_the_transport_takes(served_bundle: Path) -> None:
     """``submit`` and ``wake`` run on the server's event loop and take ``scheduler.cond``: the engine must not hold
     it during a graph call (a row copy in is a host->device copy and a sync on a GPU), or the event loop stalls
     behind every admission burst."""
-    engine = _engine(served_bundle)
-    inside, release = _hold_puts(engine)
-    seq = _reading(engine, seed=1, max_tokens=3)
-    engine.submit(seq)
-    engine.start()
-    try:
-        assert inside.wait(CALL_TIMEOUT), "the engine never copied a row in"
+    with _mid_admission(served_bundle) as engine:
         free = engine.scheduler.cond.acquire(blocking=False)  # what submit() would need now
         if free:
             engine.scheduler.cond.release()
-    finally:
-        release.set()
-        engine.stop()
     assert free, "the transport's submit() would block until the engine's graph call returns"
 
 
 def test_a_request_being_admitted_keeps_the_engine_busy(served_bundle: Path) -> None:
     """While its row is being copied in (ONNX Runtime releases the GIL), an admitted request counts as running:
     a graceful shutdown polling ``app.busy`` must give it the grace period, and the metrics must show it."""
-    engine = _engine(served_bundle)
-    inside, release = _hold_puts(engine)
-    seq = _reading(engine, seed=1, max_tokens=3)
-    engine.submit(seq)
-    engine.start()
-    try:
-        assert inside.wait(CALL_TIMEOUT), "the engine never copied a row in"
+    with _mid_admission(served_bundle) as engine:
         seen = (engine.idle, engine.queued + engine.running + engine.paused)
-    finally:
-        release.set()
-        engine.stop()
     assert seen == (False, 1), f"(idle, queued + running + paused) = {seen} while a request is being admitted"
 
 
