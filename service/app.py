@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service import resume
 from service.context import Context
 from service.engine import Engine
 from service.metrics import Metrics
@@ -30,6 +31,8 @@ log = logging.getLogger("textgen.app")
 # Texts up to this many characters are encoded on the event loop (under 1 ms); longer ones on a worker thread,
 # so one huge prompt never holds up the other calls.
 _INLINE_ENCODE_CHARS = 1024
+# Likewise for the received tokens of a resumed stream, whose text is replayed through the stop matcher.
+_INLINE_REPLAY_TOKENS = 256
 # How long a call on a session waits for the session's previous generation to settle: its result is there and its
 # final message is being delivered (the commit follows delivery, and a fast client may already be asking again).
 _SETTLE_WAIT_SECONDS = 5.0
@@ -52,6 +55,8 @@ class GenerateSpec:
     session_id: str = ""
     snapshot: bytes = b""
     return_snapshot: bool = False
+    return_token_ids: bool = False
+    resume: resume.ResumeSpec | None = None  # continue an interrupted stream (service/resume.py)
     principal: str = ""  # who is calling (service/principals.py): a session is used only by its owner
 
 
@@ -221,6 +226,11 @@ class App:
         params = self._params(spec)
         max_tokens = self._max_tokens(spec.max_tokens)
         stops = self._stops(spec.stop)
+        if spec.resume is not None and spec.session_id:
+            raise InvalidInputError(
+                "resume: a session's stream cannot be resumed (the session lives on the replica that holds it); "
+                "carry the conversation as a snapshot to resume on any replica"
+            )
         if spec.session_id and not spec.snapshot:  # (both at once is refused by _context_for, naming them)
             self.sessions.get(spec.session_id, spec.principal)  # NOT_FOUND before any wait: a wait would tell
             await self._settled(spec.session_id)  # another principal that the session exists
@@ -229,6 +239,10 @@ class App:
             if spec.seed is not None and (session is not None or spec.snapshot):
                 ctx.reseed(spec.seed)
             feed = self._feed(engine.model, ctx, await self._encode(engine.model, spec.prompt, "prompt"))
+            replay = None
+            if spec.resume is not None:
+                replay = await self._replay(spec.resume, engine, feed, stops, max_tokens)
+                feed = resume.feed(feed, replay)
             ctx.seen[feed] = True  # the repetition penalty covers the prompt too, as in the torch reference
             seq = Sequence(
                 context=ctx,
@@ -240,13 +254,25 @@ class App:
                 deadline=None if time_remaining is None else time.monotonic() + time_remaining,
                 loop=loop,
                 keep_context=session is not None or spec.return_snapshot,  # else its state row stays on the device
+                token_ids=spec.return_token_ids,
             )
+            if replay is not None:
+                resume.apply(seq, replay)
             engine.submit(seq)
         except BaseException:
             if session is not None:
                 self.sessions.release(session)
             raise
         return Generation(seq, engine, spec, session)
+
+    async def _replay(
+        self, spec: resume.ResumeSpec, engine: Engine, prompt_feed: np.ndarray, stops: list[str], max_tokens: int
+    ) -> resume.Replay:
+        tokens = resume.check(spec, engine.model, max_tokens)
+        args = (spec, tokens, engine.output.text, stops, max_tokens, int(prompt_feed[-1]))
+        if tokens.size <= _INLINE_REPLAY_TOKENS:
+            return resume.replay(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._encoder, resume.replay, *args)
 
     async def _settled(self, session_id: str) -> None:
         """Wait (briefly) for the session's previous generation to settle, so a client that asks again the

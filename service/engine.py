@@ -194,8 +194,22 @@ class Engine:
                     self._finish(seq, finish=Finish.LENGTH)
                 else:
                     seq.context.token_count += seq.feed.size
-                    ready.append((seq, logits[i, -1]))
+                    if seq.resume_token >= 0:
+                        self._rejoin(seq)
+                    else:
+                        ready.append((seq, logits[i, -1]))
         return ready
+
+    def _rejoin(self, seq: Sequence) -> None:
+        """A resumed stream's context has run: it stands where its interrupted stream stood, with the last token
+        it received to feed next (service/resume.py), so it joins the decode batch without sampling."""
+        seq.next_token = seq.resume_token
+        seq.phase = Phase.DECODE
+        seq.last_token = time.monotonic()
+        self.scheduler.decode.append(seq)
+        if seq.resume_ending is not None:  # it had ended there: only its final message was lost
+            finish, stop = seq.resume_ending
+            self._finish(seq, finish=finish, stop=stop)
 
     # -- one decode step ------------------------------------------------------------------------------------
     def _run_decode(self) -> tuple[list[Sequence], np.ndarray | None]:

@@ -33,6 +33,10 @@ class TokenText:
         self.spaced = self.bare if self.char else [tokenizer.piece(i, inside) for i in ids]
         self.names = tokenizer.id_to_token
 
+    def piece(self, token: int, previous: int | None) -> str:
+        """``token``'s text after ``previous`` (None: nothing before it). ``emit`` inlines this for speed."""
+        return self.bare[token] if previous is None or previous == self.eos else self.spaced[token]
+
 
 class OutputProcessor:
     def __init__(self, tokenizer: TextTokenizer, observer: EngineObserver, wakes: Wakes, max_interval: int) -> None:
@@ -81,10 +85,10 @@ class OutputProcessor:
                 if stop is None and last:
                     piece += seq.stop_matcher.flush()
             if seq.logprobs:
-                seq.outbox.append(Delta(piece, [TokenLogprob(token, text.names[token], chosen[i])], 1))
+                seq.outbox.append(Delta(piece, [TokenLogprob(token, text.names[token], chosen[i])], 1, token))
                 seq.produced_tokens += 1
-            elif piece:
-                seq.outbox.append(Delta(piece, [], 1))
+            elif piece or seq.token_ids:  # a held-back token's id is still sent (a resume needs every id)
+                seq.outbox.append(Delta(piece, [], 1, token))
                 seq.produced_tokens += 1
             if stop is not None:
                 done.append((seq, Finish.STOP, stop))

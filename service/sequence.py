@@ -47,6 +47,7 @@ class Delta:
     text: str
     logprobs: list[TokenLogprob]
     tokens: int  # tokens behind this delta (for the stream buffer bound)
+    token: int = -1  # the id of the token behind it
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Sequence:
     loop: asyncio.AbstractEventLoop | None = None  # the transport's loop, woken when output is ready
     on_ready: Callable[[], None] | None = None  # or a plain callback (engine thread), for loop-less consumers
     keep_context: bool = True  # its final context is wanted (a session, a snapshot): copy its state row out
+    token_ids: bool = False  # its client wants every token's id, even while the token's text is held back
 
     def __post_init__(self) -> None:
         self.id = next(_ids)
@@ -96,6 +98,11 @@ class Sequence:
         self.next_token = -1  # sampled, to be fed at the next decode step
         self.previous = int(self.feed[-1]) if self.feed.size else None  # for word-level spacing
         self.generated = 0
+        # A resumed stream (service/resume.py): generated tokens at the end of ``feed``, the last received token
+        # (fed by the first decode step instead of a sampled one), and the ending it had already reached, if any.
+        self.replayed = 0
+        self.resume_token = -1
+        self.resume_ending: tuple[Finish, str] | None = None
         self.paused = False  # out of the decode batch: its stream buffer is full, or it waits for a slot again
         self.paused_since = 0.0  # when its buffer last filled up (0: not full); the pause limit counts from here
         self.ready_since = 0.0  # paused, when its reader made room again (0: not waiting for a slot)
@@ -120,7 +127,7 @@ class Sequence:
         result = Result(
             finish=finish if error is None else None,
             stop=stop,
-            prompt_tokens=int(self.feed.size),
+            prompt_tokens=int(self.feed.size) - self.replayed,
             generated_tokens=self.generated,
             seed=self.context.seed,
             context=context,

@@ -20,6 +20,7 @@ from service.app import App, GenerateSpec, Outcome
 from service.metrics import Call
 from service.models import ServedModel
 from service.principals import principal_of
+from service.resume import ResumeSpec
 from service.sequence import Delta, Finish, Result
 from service.write_guard import WriteGuard
 from textgen.errors import (
@@ -125,6 +126,12 @@ def _spec(r: pb.GenerateRequest, principal: str = "") -> GenerateSpec:
         session_id=r.session_id,
         snapshot=r.snapshot,
         return_snapshot=r.return_snapshot,
+        return_token_ids=r.return_token_ids,
+        resume=(
+            ResumeSpec(list(r.resume.token_ids), r.resume.text_chars, r.resume.model_version)
+            if r.HasField("resume")
+            else None
+        ),
         principal=principal,
     )
 
@@ -279,13 +286,19 @@ class Servicer(pb_grpc.TextGenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         parts: list[str] = []
         logprobs: list[pb.TokenLogprob] = []
+        token_ids: list[int] = []
         async for gen, deltas, outcome in self._run(request, context):
             parts.extend(d.text for d in deltas)
             if request.logprobs:
                 logprobs.extend(_logprobs(deltas))
+            if request.return_token_ids:
+                token_ids.extend(d.token for d in deltas)
             if outcome is not None:
                 reply = pb.GenerateResponse(
-                    text="".join(parts), logprobs=logprobs, complete=_completion(gen.model, outcome)
+                    text="".join(parts),
+                    logprobs=logprobs,
+                    complete=_completion(gen.model, outcome),
+                    token_ids=token_ids,
                 )
                 # No await between here and the return: a cancel can no longer reach this call, and the reply is
                 # the transport's one final write. A reply at the edge of its deadline is not sent (and changes
@@ -299,10 +312,15 @@ class Servicer(pb_grpc.TextGenerationServicer):
 
     @_rpc
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        first = True
         async for gen, deltas, outcome in self._run(request, context):
             msg = pb.GenerateStreamResponse(text="".join(d.text for d in deltas))
             if request.logprobs:
                 msg.logprobs.extend(_logprobs(deltas))
+            if request.return_token_ids:
+                msg.token_ids.extend(d.token for d in deltas)
+                if first:
+                    msg.model_version, first = gen.model.version, False
             if outcome is not None:
                 msg.complete.CopyFrom(_completion(gen.model, outcome))
             await self._write(context, msg)

@@ -1,0 +1,125 @@
+"""Resuming a stream whose replica failed, exactly: the client sends the same request plus the token ids and the
+number of characters it received, and the new sequence starts where the interrupted one stood.
+
+What makes it exact is that a sequence's future depends only on what this module rebuilds:
+- the recurrent state after the prompt and the received tokens: the prompt and all received tokens but the last
+  run as context, and the last one becomes the token the next decode step feeds (as it was, so the sequence also
+  ends with the same pending token, which a snapshot carries);
+- the sampler's generator: exactly one draw per sampled token (``textgen.sampling``), so it is the seeded
+  generator advanced by the number of tokens received (none for greedy requests);
+- the tokens seen (the repetition penalty) and the previous token (word spacing);
+- the stop matcher's hold-back: the received tokens' text is pushed through a new matcher, which also yields how
+  much of it the old stream had released; that must equal what the client says it received, or the resume is
+  refused (another model, another request, a client bug), rather than continuing another text.
+
+A stream that had already ended (its last token or a stop was sent, only the final message was lost) resumes
+to its ending at once, with the same final context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.models import ServedModel
+from service.output import TokenText
+from service.sequence import Finish, Sequence
+from service.stops import StopMatcher
+from textgen.errors import FailedPreconditionError, InvalidInputError
+
+
+@dataclass
+class ResumeSpec:
+    """GenerateRequest.resume as received."""
+
+    token_ids: list[int]
+    text_chars: int = 0
+    model_version: str = ""
+
+
+@dataclass
+class Replay:
+    """Where the interrupted stream stood after its last received token."""
+
+    tokens: np.ndarray  # int64, the received token ids
+    matcher: StopMatcher
+    ending: tuple[Finish, str] | None  # it had already ended there
+
+
+def check(spec: ResumeSpec, model: ServedModel, max_tokens: int) -> np.ndarray:
+    """The received token ids, validated (cheap checks, before any replay)."""
+    if spec.model_version and spec.model_version != model.version:
+        raise FailedPreconditionError(
+            f"resume.model_version: the interrupted stream ran {model.name} version {spec.model_version}; this "
+            f"replica serves version {model.version}, whose text would differ"
+        )
+    k = len(spec.token_ids)
+    if k > max_tokens:
+        raise InvalidInputError(f"resume.token_ids: {k} tokens exceed the request's max_tokens ({max_tokens})")
+    tokens = np.asarray(spec.token_ids, dtype=np.int64)
+    if k and int(tokens.max()) >= model.vocab_size:
+        i = int(np.argmax(tokens >= model.vocab_size))
+        raise InvalidInputError(
+            f"resume.token_ids[{i}]: {int(tokens[i])} is not a token of {model.name} (vocabulary {model.vocab_size})"
+        )
+    return tokens
+
+
+def replay(
+    spec: ResumeSpec, tokens: np.ndarray, text: TokenText, stops: list[str], max_tokens: int, previous: int | None
+) -> Replay:
+    """Push the received tokens' text through a new stop matcher as the engine did (``OutputProcessor.emit``);
+    O(text of the tokens), so long replays run off the event loop. ``previous`` is the token before them."""
+    matcher = StopMatcher(stops)
+    released = 0
+    ending: tuple[Finish, str] | None = None
+    ids = tokens.tolist()
+    for i, token in enumerate(ids):
+        if ending is not None:
+            raise InvalidInputError(
+                f"resume.token_ids: the stream ended at token {i - 1} ({ending[0].value}); {len(ids) - i} more "
+                "tokens cannot have been sent"
+            )
+        piece = text.piece(token, previous)
+        previous = token
+        last = i + 1 >= max_tokens
+        if stops:
+            piece, stop = matcher.push(piece)
+            if stop is not None:
+                ending = (Finish.STOP, stop)
+            elif last:
+                piece += matcher.flush()
+        released += len(piece)
+        if last and ending is None:
+            ending = (Finish.LENGTH, "")
+    if released != spec.text_chars:
+        raise InvalidInputError(
+            f"resume.text_chars: these {len(ids)} tokens made {released} characters of text, not "
+            f"{spec.text_chars}: they are not what this request's stream sent"
+        )
+    return Replay(tokens, matcher, ending)
+
+
+def feed(prompt_feed: np.ndarray, done: Replay) -> np.ndarray:
+    """What the resumed sequence runs before its first step: the prompt and every received token but the last."""
+    if done.tokens.size == 0:
+        return prompt_feed
+    return np.concatenate([prompt_feed, done.tokens[:-1]]).astype(np.int64)
+
+
+def apply(seq: Sequence, done: Replay) -> None:
+    """Put a new sequence (built on ``feed``) where the interrupted one stood. Its generator is advanced here too,
+    one draw per received token it sampled."""
+    k = int(done.tokens.size)
+    if k == 0:
+        return
+    last = int(done.tokens[-1])
+    seq.context.seen[done.tokens] = True
+    if seq.params.temperature != 0.0:
+        seq.context.rng.bit_generator.advance(k)
+    seq.replayed = k - 1
+    seq.generated = k
+    seq.previous = last
+    seq.stop_matcher = done.matcher
+    seq.resume_token = last
+    seq.resume_ending = done.ending
