@@ -3,7 +3,9 @@
 Keys (format 1): ``format``, ``model`` (state dict), ``model_config``, ``tokenizer`` ({level, json}),
 ``train_config``, ``data_config``, ``data_description``, ``optimizer``, ``scheduler``, ``step``, ``epoch``,
 ``data_position``, ``carried_state`` (the TBPTT state between windows), ``rng`` (torch CPU and CUDA states),
-``best_val_loss``, ``evals_since_best``, ``metrics`` (last validation figures), ``saved_at``.
+``best_val_loss``, ``evals_since_best``, ``metrics`` (last validation figures), ``saved_at``, and ``world_size``
+(processes that trained it; absent: 1). Under torchrun ``carried_state`` is the whole global batch's and ``rng``
+also holds every rank's states under ``ranks``.
 """
 
 from __future__ import annotations

@@ -106,7 +106,9 @@ def _register_train(commands: Any) -> None:
         help="train a char- or word-level recurrent language model",
         description="Train a language model with truncated BPTT. Checkpoints go to RUN_DIR/best.pt (best "
         "validation loss) and RUN_DIR/last.pt (latest); metrics to RUN_DIR/metrics.jsonl. Ctrl-C saves "
-        "last.pt at the next step boundary; --resume continues exactly where it stopped.",
+        "last.pt at the next step boundary; --resume continues exactly where it stopped. Under torchrun "
+        "(torchrun --standalone --nproc-per-node N -m textgen.cli train ...) it trains data-parallel, one "
+        "process per rank (per GPU on CUDA), --batch-size being the global batch.",
     )
     d = p.add_argument_group("data")
     _flag(
@@ -285,6 +287,8 @@ def _train(args: argparse.Namespace) -> int:
         stop_at=args.stop_at,
         progress=not args.quiet,
     )
+    if result.rank != 0:  # under torchrun, rank 0 speaks for the run
+        return 130 if result.stop_reason == "interrupted" else 0
     quality = f"; last validation {result.last_quality.summary()}" if result.last_quality else ""
     print(
         f"{result.stop_reason} at step {result.step} (epoch {result.epoch}) after {result.wall_s:.1f} s; "
@@ -293,7 +297,10 @@ def _train(args: argparse.Namespace) -> int:
     )
     print(f"checkpoints in {result.out_dir}/ (best.pt, last.pt)")
     if result.stop_reason in ("paused", "interrupted"):
-        print(f"continue with: textgen train --out {result.out_dir} --resume")
+        launcher = "textgen"
+        if result.world_size > 1:
+            launcher = f"torchrun --standalone --nproc-per-node {result.world_size} -m textgen.cli"
+        print(f"continue with: {launcher} train --out {result.out_dir} --resume")
     return 130 if result.stop_reason == "interrupted" else 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,9 @@ from textgen.errors import DataError
 from textgen.tokenizer import Level
 from training.data import batchify, window, windows_per_epoch
 from training.model import RNNLanguageModel
+
+if TYPE_CHECKING:
+    from training.distributed import Replicas
 
 
 @dataclass(frozen=True)
@@ -52,20 +56,29 @@ def evaluate(
     batch_size: int = 10,
     bptt: int = 128,
     device: torch.device | str = "cpu",
+    replicas: Replicas | None = None,
 ) -> Quality:
-    """Mean loss over ``ids`` read as ``batch_size`` streams (fewer if the split is short)."""
+    """Mean loss over ``ids`` read as ``batch_size`` streams (fewer if the split is short). Under data-parallel
+    training (``replicas``) each rank reads its share of the streams and the sums are added over the ranks, so
+    every rank gets the loss one process would, up to the order of the sums."""
     if ids.numel() < 2:
         raise DataError(f"cannot evaluate a split of {ids.numel()} token(s)")
     batch_size = max(1, min(batch_size, ids.numel() // (bptt + 1)))
-    stream = batchify(ids, batch_size, min(bptt, ids.numel() // batch_size - 1), "evaluation split").to(device)
+    stream = batchify(ids, batch_size, min(bptt, ids.numel() // batch_size - 1), "evaluation split")
+    if replicas is not None:
+        stream = replicas.eval_rows(stream)  # a rank may get no rows when ranks outnumber the streams
+    stream = stream.to(device)
     was_training = model.training
     model.eval()
-    state = model.init_state(batch_size, device)
+    state = model.init_state(stream.size(0), device)
     total, count = 0.0, 0
-    for i in range(windows_per_epoch(stream, bptt)):
+    for i in range(windows_per_epoch(stream, bptt) if stream.size(0) else 0):
         x, y = window(stream, i * bptt, bptt)
         logits, state = model(x, state)
         total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum").item()
         count += y.numel()
     model.train(was_training)
+    if replicas is not None:
+        total, summed = replicas.sum(total, count)
+        count = int(summed)
     return Quality(total / count, count, level)

@@ -3,6 +3,7 @@ a resume continues the same model on the same data."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
 from training.corpus import STDLIB, DataConfig, load_splits
 from training.data import TokenizedCorpus, batchify, tokenize, windows_per_epoch
+from training.distributed import Launch, check_layout, started
 from training.model import ModelConfig
 from training.trainer import LAST, TrainResult, train
 
@@ -114,7 +116,24 @@ def run_train(
             raise ConfigError(f"epochs must be at least 1 (got {epochs})")
         steps = epochs * windows_per_epoch(batchify(corpus.train, train_cfg.batch_size, train_cfg.bptt), train_cfg.bptt)
         train_cfg = TrainConfig(**{**train_cfg.to_dict(), "max_steps": steps})
-    return train(model_cfg, train_cfg, data_cfg, corpus, out_dir, resume=checkpoint, stop_at=stop_at, progress=progress)
+    launch = Launch.from_environment(os.environ)  # set by torchrun: data-parallel training, one process per rank
+    if launch is None:
+        return train(
+            model_cfg, train_cfg, data_cfg, corpus, out_dir, resume=checkpoint, stop_at=stop_at, progress=progress
+        )
+    check_layout(train_cfg.batch_size, launch.world_size)
+    with started(launch, train_cfg.device) as replicas:
+        return train(
+            model_cfg,
+            train_cfg,
+            data_cfg,
+            corpus,
+            out_dir,
+            resume=checkpoint,
+            stop_at=stop_at,
+            progress=progress,
+            replicas=replicas,
+        )
 
 
 def corpus_for_checkpoint(checkpoint: dict[str, Any], data_args: dict[str, Any] | None = None) -> TokenizedCorpus:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from training.checkpoint import save_checkpoint
 from training.config import TrainConfig
 from training.corpus import DataConfig
 from training.data import TokenizedCorpus, batchify, window, windows_per_epoch
+from training.distributed import Replicas
 from training.evaluate import Quality, evaluate
 from training.model import ModelConfig, RNNLanguageModel, State, detach_state
 
@@ -42,6 +44,9 @@ class TrainResult:
     train_tokens_per_s: float
     wall_s: float
     out_dir: Path
+    model: RNNLanguageModel  # the last step's weights, on the training device
+    rank: int = 0  # this process's rank under torchrun (0 alone writes checkpoints and metrics)
+    world_size: int = 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -141,26 +146,32 @@ def train(
     resume: dict[str, Any] | None = None,
     stop_at: int | None = None,
     progress: bool = True,
+    replicas: Replicas | None = None,
 ) -> TrainResult:
     """Train (or, given a checkpoint dict in ``resume``, continue) and write checkpoints into ``out_dir``.
 
     ``stop_at`` pauses after that step without changing the schedule: a run paused and resumed ends with the
-    same weights as one run straight through."""
+    same weights as one run straight through. ``replicas``: this process's place in a data-parallel run
+    (``training.distributed``); None for one process."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    replicas = replicas or Replicas.single(resolve_device(cfg.device))
+    device = replicas.device
     if cfg.bf16 and device.type != "cuda":
         raise ConfigError("bf16 autocast needs a CUDA device")
     started = time.perf_counter()
 
     torch.manual_seed(cfg.seed)
     model = RNNLanguageModel(model_cfg).to(device)
+    replicas.seed(cfg.seed)
     opt = _make_optimizer(model, cfg)
-    stream = batchify(corpus.train, cfg.batch_size, cfg.bptt).to(device)
+    # This rank's rows of the global batch (all of it in one process): same length, so same windows, on each rank.
+    stream = replicas.shard(batchify(corpus.train, cfg.batch_size, cfg.bptt), 0).to(device)
+    rows = stream.size(0)
     n_windows = windows_per_epoch(stream, cfg.bptt)
     sched = _make_scheduler(opt, cfg, n_windows)
     step, epoch, position = 0, 0, 0
-    state: State = model.init_state(cfg.batch_size)
+    state: State = model.init_state(rows)
     best_val, since_best = math.inf, 0
     last_quality: Quality | None = None
 
@@ -170,11 +181,15 @@ def train(
         sched.load_state_dict(resume["scheduler"])
         _apply_changed_hyperparameters(opt, sched, cfg, TrainConfig(**resume["train_config"]))
         step, epoch, position = resume["step"], resume["epoch"], resume["data_position"]
-        state = tuple(s.to(device) for s in resume["carried_state"])
+        state = tuple(replicas.shard(s, 1).to(device) for s in resume["carried_state"])
         best_val, since_best = resume["best_val_loss"], resume["evals_since_best"]
-        torch.set_rng_state(resume["rng"]["torch"])
-        if device.type == "cuda" and resume["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        saved_world = resume.get("world_size", 1)
+        if not replicas.restore_rng(resume["rng"], saved_world, cfg.seed) and replicas.is_main:
+            print(
+                f"note: {out_dir} was saved by {saved_world} process(es) and resumes on {replicas.world_size}: "
+                "data, schedule and state continue; dropout masks come from new random streams",
+                file=sys.stderr,
+            )
 
     def payload() -> dict[str, Any]:
         return {
@@ -189,11 +204,9 @@ def train(
             "step": step,
             "epoch": epoch,
             "data_position": position,
-            "carried_state": [s.detach().cpu() for s in state],
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-            },
+            "carried_state": replicas.gather_state(state),  # the whole global batch's
+            "rng": replicas.rng_states(),
+            "world_size": replicas.world_size,
             "best_val_loss": best_val,
             "evals_since_best": since_best,
             "metrics": last_quality.as_dict("val_") if last_quality else {},
@@ -201,8 +214,26 @@ def train(
         }
 
     log_path = out_dir / METRICS
+
+    def save(name: str) -> None:
+        record = payload()  # on every rank: it gathers the carried and RNG states
+        if replicas.is_main:
+            save_checkpoint(out_dir / name, record)
+        replicas.barrier()  # no rank moves on, or exits, before the checkpoint is on disk
+
+    def log(record: dict[str, Any]) -> None:
+        if replicas.is_main:
+            _append_jsonl(log_path, record)
+
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True, desc="train")
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        disable=not progress or not replicas.is_main,
+        unit="step",
+        dynamic_ncols=True,
+        desc="train",
+    )
     running_loss = torch.zeros((), device=device)
     # Steps summed into running_loss: counted, because after a resume the first interval is partial.
     running_steps = 0
@@ -211,21 +242,22 @@ def train(
     interval_start, interval_pause = time.perf_counter(), 0.0
     saved_step = -1
     stop_reason = "max_steps"
+    net = replicas.wrap(model)
     model.train()
     with _stop_requests() as stop_requested:
         while step < cfg.max_steps:
             if stop_at is not None and step >= stop_at:
                 stop_reason = "paused"
                 break
-            if stop_requested.is_set():
+            if replicas.any(stop_requested.is_set()):  # every rank stops at the same step
                 stop_reason = "interrupted"
                 break
             if position == 0:  # a new pass over the data starts from a zero state
-                state = model.init_state(cfg.batch_size)
+                state = model.init_state(rows)
             x, y = window(stream, position, cfg.bptt)
             state = detach_state(state)
             with autocast():
-                logits, state = model(x, state)
+                logits, state = net(x, state)
                 loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -240,18 +272,17 @@ def train(
                 position, epoch = 0, epoch + 1
             running_loss += loss.detach()
             running_steps += 1
-            window_tokens += y.numel()
+            window_tokens += y.numel() * replicas.world_size
             bar.update(1)
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                train_loss = running_loss.item() / running_steps  # .item() syncs CUDA
+                train_loss = replicas.mean(running_loss.item()) / running_steps  # .item() syncs CUDA
                 now = time.perf_counter()
                 elapsed = now - interval_start - interval_pause
                 tps = window_tokens / elapsed
                 lr = opt.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
-                _append_jsonl(
-                    log_path,
+                log(
                     {
                         "step": step,
                         "epoch": epoch,
@@ -268,7 +299,7 @@ def train(
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 eval_start = time.perf_counter()
                 last_quality = evaluate(
-                    model, corpus.valid, corpus.tokenizer.level, cfg.eval_batch_size, cfg.bptt, device
+                    model, corpus.valid, corpus.tokenizer.level, cfg.eval_batch_size, cfg.bptt, device, replicas
                 )
                 model.train()
                 improved = last_quality.loss < best_val
@@ -278,8 +309,7 @@ def train(
                     since_best += 1
                 if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     sched.step(last_quality.loss)
-                _append_jsonl(
-                    log_path,
+                log(
                     {
                         "step": step,
                         "epoch": epoch,
@@ -288,10 +318,11 @@ def train(
                         "time": time.time(),
                     },
                 )
-                bar.write(f"step {step}: validation {last_quality.summary()}" + (" (best)" if improved else ""))
+                if replicas.is_main:
+                    bar.write(f"step {step}: validation {last_quality.summary()}" + (" (best)" if improved else ""))
                 if improved:
-                    save_checkpoint(out_dir / BEST, payload())
-                save_checkpoint(out_dir / LAST, payload())
+                    save(BEST)
+                save(LAST)
                 saved_step = step
                 interval_pause += time.perf_counter() - eval_start
                 if cfg.patience and since_best >= cfg.patience:
@@ -302,8 +333,8 @@ def train(
         total_tokens += window_tokens
         train_time += time.perf_counter() - interval_start - interval_pause
     if saved_step != step:
-        save_checkpoint(out_dir / LAST, payload())
-    _append_jsonl(log_path, {"step": step, "event": stop_reason, "best_val_loss": best_val, "time": time.time()})
+        save(LAST)
+    log({"step": step, "event": stop_reason, "best_val_loss": best_val, "time": time.time()})
     return TrainResult(
         step=step,
         epoch=epoch,
@@ -313,4 +344,7 @@ def train(
         train_tokens_per_s=total_tokens / train_time if train_time > 0 else 0.0,
         wall_s=time.perf_counter() - started,
         out_dir=out_dir,
+        model=model,
+        rank=replicas.rank,
+        world_size=replicas.world_size,
     )
