@@ -3,6 +3,7 @@
 #   trainer: torch and the exporter; by default trains the default model and exports bundle /models/default/1.
 #     docker build --network host -t textgen .
 #     docker build --network host --target trainer -t textgen-trainer .
+# Both install their dependencies from the committed, hash-checked locks in deploy/lock (`make lock` remakes them).
 # deploy/docker-compose.yml builds and runs both. No BuildKit-only syntax (heredocs, cache mounts, # syntax=):
 # the CI engine (Debian's dockerd 20.10, with no registry to fetch a Dockerfile frontend from) builds it too.
 # BuildKit (compose, Docker 23+) builds only the stages a target needs; the legacy builder (DOCKER_BUILDKIT=0)
@@ -33,34 +34,41 @@ COPY bench /src/bench/
 
 FROM runtime AS serve-build
 WORKDIR /src
-# Dependencies first, from pyproject.toml alone: a code edit rebuilds only the layers after `COPY textgen`.
-COPY pyproject.toml deploy/requirements.py ./
-# onnxruntime-gpu (the gpu extra), which also runs on the CPU.
+# Dependencies first, from the committed locks alone (deploy/lock, made by `make lock` from pyproject.toml): every
+# package pinned and hash-checked, wheels only, so every build installs the same bits; a code edit rebuilds only
+# the layers after `COPY --from=source`. pip's resolver still runs, so a lock missing a dependency fails the build.
+COPY deploy/lock/serve.txt deploy/lock/serve-cuda.txt lock/
 # CUDA_LIBS: the CUDA runtime and cuDNN wheels that onnxruntime-gpu's CUDAExecutionProvider loads (about 2 GB
-# from PyPI). On for the production image. The CI override (deploy/docker-compose.ci.yml) sets it to "" so a CI
-# run does not download gigabytes; the server there runs on CPUExecutionProvider.
+# from PyPI), locked in serve-cuda.txt. On for the production image. The CI override (deploy/docker-compose.ci.yml)
+# sets it to "" so a CI run does not download gigabytes: serve.txt, and the server runs on CPUExecutionProvider.
+# Any other value must be what serve-cuda.txt was compiled from (`make lock` reads this default).
 ARG CUDA_LIBS="onnxruntime-gpu[cuda,cudnn]"
-# CUDA_LIBS is unquoted on purpose: a space-separated list of requirements, possibly empty.
-# hadolint ignore=SC2086
-RUN python requirements.py serve gpu > requirements.txt \
-    && pip install "setuptools>=77" -r requirements.txt $CUDA_LIBS
+RUN lock=lock/serve-cuda.txt \
+    && if [ -z "$CUDA_LIBS" ]; then lock=lock/serve.txt; \
+       elif ! grep -qxF "# input: $CUDA_LIBS" "$lock"; then \
+           echo "CUDA_LIBS=$CUDA_LIBS is not what $lock was compiled from: change its default and run make lock" >&2; \
+           exit 1; \
+       fi \
+    && pip install --require-hashes --only-binary :all: -r "$lock"
 COPY --from=source /src ./
-RUN pip install --no-deps --no-build-isolation .
+RUN pip install --no-deps --no-build-isolation . && pip check
 
 
 FROM runtime AS trainer
 WORKDIR /src
-COPY pyproject.toml deploy/requirements.py ./
-# torch first and pinned, as the README installs it; the project's torch range then adds nothing. From PyPI this
-# is the CUDA build of torch with its own CUDA wheels, so the trainer uses a GPU when it is given one.
-# The exporter verifies bundles on ONNX Runtime's CPU provider: the 24 MB CPU runtime (the cpu extra) is enough.
+COPY deploy/lock/trainer.txt lock/
+# torch pinned as the README installs it, from the lock like everything else (see serve-build). From PyPI this is the
+# CUDA build of torch with its own CUDA wheels (locked too), so the trainer uses a GPU when it is given one. The
+# exporter verifies bundles on ONNX Runtime's CPU provider: the 24 MB CPU runtime (the cpu extra) is enough.
+# TORCH is what trainer.txt was compiled from (`make lock` reads this default); any other value fails the build.
 ARG TORCH="torch==2.13.0"
-# hadolint ignore=DL3013
-RUN pip install "$TORCH" \
-    && python requirements.py train serve cpu > requirements.txt \
-    && pip install "setuptools>=77" -r requirements.txt
+RUN if ! grep -qxF "# input: $TORCH" lock/trainer.txt; then \
+        echo "TORCH=$TORCH is not what lock/trainer.txt was compiled from: change its default and run make lock" >&2; \
+        exit 1; \
+    fi \
+    && pip install --require-hashes --only-binary :all: -r lock/trainer.txt
 COPY --from=source /src ./
-RUN pip install --no-deps --no-build-isolation .
+RUN pip install --no-deps --no-build-isolation . && pip check
 COPY deploy/train-and-export.sh /usr/local/bin/textgen-train-and-export
 USER 10001:10001
 WORKDIR /runs

@@ -11,7 +11,7 @@ MODEL ?= default
 PORT ?= 50051
 ONNXRUNTIME ?= gpu
 
-.PHONY: serve sample test install lint proto clean bench
+.PHONY: serve sample test install lint proto lock clean bench
 
 # torch goes first, pinned: the local CPU wheel; the project's torch range then installs nothing more.
 # ONNXRUNTIME=cpu installs the 24 MB CPU-only runtime instead of onnxruntime-gpu (in a fresh .venv: never both).
@@ -50,6 +50,14 @@ lint: $(BIN)/.installed
 # Regenerate the committed gRPC stubs after editing proto/ (tests/test_proto.py fails while they drift).
 proto: $(BIN)/.installed
 	$(BIN)/python scripts/gen_stubs.py
+
+# Regenerate the images' lock files (deploy/lock/) after editing dependencies in pyproject.toml, or the Dockerfile's
+# CUDA_LIBS or TORCH (tests/test_lock.py fails until then). Resolves against PyPI, keeping the other pins;
+# UPGRADE=1 moves every pin to the newest release the requirements allow.
+UV_VERSION ?= 0.13.9
+lock: | $(BIN)/.installed
+	$(BIN)/pip install --quiet 'uv==$(UV_VERSION)'
+	$(BIN)/python scripts/lock.py --uv $(BIN)/uv $(if $(UPGRADE),--upgrade)
 
 clean:
 	rm -rf $(VENV) runs bundles
