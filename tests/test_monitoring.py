@@ -34,6 +34,8 @@ PROMETHEUS_DIR = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "textgen.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 RATE_INTERVAL = "10s"  # what Grafana's $__rate_interval is with the test's 1 s scrape interval (at least 4 scrapes)
+# The panels with one line per replica (the others show totals over every replica).
+PER_REPLICA = ("Requests/s by replica", "Tokens/s by replica", "Streams and queue by replica")
 QUERY_TIMEOUT = 120.0  # seconds the live test may wait for Prometheus and for every query's data (a loaded machine)
 
 needs_promtool = pytest.mark.skipif(
@@ -99,16 +101,21 @@ def test_dashboard_is_well_formed() -> None:
     for title, expr in queries:
         promql_parser.parse(expr)  # raises on a syntax error
         assert "$" not in expr, f"{title}: unsubstituted variable in {expr}"
-    # every per-model metric is filtered by the model variable; session metrics are server-wide on purpose
+    # every per-model metric is filtered by the model variable; session metrics and scrape health (`up`) are
+    # server-wide on purpose
     for panel in panels:
         for target in panel.get("targets", []):
-            if "session" not in target["expr"]:
+            if "session" not in target["expr"] and not target["expr"].startswith(("sum(up{", "count(up{")):
                 assert '{model=~"$model"}' in target["expr"].replace(", ", ","), (panel["title"], target["expr"])
     titles = {p["title"] for p in panels}
     for wanted in ("Tokens/s", "Requests/s", "Errors/s by reason", "Time to first token", "Inter-token latency",
                    "Queue and batch", "Queue wait", "Batch size per step", "Step time by phase", "Sessions",
-                   "Session state memory"):  # fmt: skip
+                   "Session state memory", *PER_REPLICA, "Replicas up"):  # fmt: skip
         assert wanted in titles
+    # a line per replica: by instance, the label every scrape has (compose, CI and Kubernetes alike)
+    for panel in panels:
+        if panel["title"] in PER_REPLICA:
+            assert all(t["expr"].startswith("sum by (instance) (") for t in panel["targets"]), panel["title"]
 
 
 # -- live: Prometheus scraping a real server under load -------------------------------------------------------
@@ -129,6 +136,7 @@ class Prometheus:
             "scrape_configs": [{"job_name": "textgen", "static_configs": [{"targets": [target]}]}],
         }
         (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.target = target
         self.url = f"http://127.0.0.1:{_free_port()}"
         self.log = (root / "prometheus.log").open("w")
         self.process = subprocess.Popen(
@@ -267,6 +275,10 @@ def test_every_dashboard_query_returns_data_from_a_live_server(scraped: tuple[Pr
         if missing:
             time.sleep(1)
     assert not missing, "\n".join(f"{title}: {last[expr]}" for expr, title in missing.items())
+    # the per-replica panels have one line per scraped server, named by its address
+    for title, expr in panel_queries():
+        if title in PER_REPLICA:
+            assert {r["metric"].get("instance") for r in last[expr]} == {prometheus.target}, (title, last[expr])
     # and the model variable's own query (label_values) has the served model
     models = prometheus.get("/api/v1/label/model/values", **{"match[]": "textgen_model_info"})["data"]
     assert models == ["tiny"]
