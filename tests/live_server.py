@@ -8,6 +8,9 @@ asks for ``ENDLESS`` tokens rather than for "more than this machine makes in a s
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -154,6 +157,62 @@ def start_server(bundle: Path, **overrides: Any) -> Live:
         }
     )
     return Live(BackgroundServer(settings))
+
+
+class ServeProcess:
+    """``textgen serve`` in its own process, as users run it (``start_serve_process``)."""
+
+    def __init__(self, proc: subprocess.Popen[str], line: str) -> None:
+        self.proc = proc
+        self.port = int(line.split(" on 127.0.0.1:")[1].split()[0])
+        tail = line.split("metrics on http://127.0.0.1:")
+        self.metrics_url = f"http://127.0.0.1:{int(tail[1].split('/')[0])}/metrics" if len(tail) > 1 else ""
+        self.log: list[str] = [line]
+        # Its log goes on being read, so a full pipe never blocks the server.
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def start_serve_process(*args: str) -> ServeProcess:
+    """``textgen serve ARGS`` on any free loopback port, once it says it listens (at log level info or lower)."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "textgen.cli",
+            "serve",
+            "--port",
+            "0",
+            "--providers",
+            "CPUExecutionProvider",
+            "--intra-op-threads",
+            "1",
+            *args,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if " on 127.0.0.1:" in line:
+            return ServeProcess(proc, line)
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    proc.wait()
+    raise AssertionError("textgen serve did not start")
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = CALL_TIMEOUT) -> None:

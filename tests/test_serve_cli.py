@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from textgen.client import AsyncClient, Client, RemoteError, channel_credentials
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as pb_grpc
 
-from live_server import CALL_TIMEOUT, ENDLESS, SMALL_WINDOW, wait_until
+from live_server import CALL_TIMEOUT, ENDLESS, SMALL_WINDOW, start_serve_process, wait_until
 
 TEXTGEN = [sys.executable, "-m", "textgen.cli"]
 
@@ -165,22 +164,8 @@ def test_grpcurl_reflection_health_and_streaming(server: BackgroundServer) -> No
 
 
 def _start_serve(*args: str) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [*TEXTGEN, "serve", "--port", "0", "--providers", "CPUExecutionProvider", "--intra-op-threads", "1", *args],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if " on 127.0.0.1:" in line:
-            return proc, int(line.split(" on 127.0.0.1:")[1].split()[0])
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError("textgen serve did not start")
+    server = start_serve_process(*args)
+    return server.proc, server.port
 
 
 def _signalled(proc: subprocess.Popen[str], port: int) -> None:

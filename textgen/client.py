@@ -4,16 +4,20 @@
         for piece in client.stream_text("def ", max_tokens=200, temperature=0.7, seed=1):
             print(piece, end="", flush=True)
 
-Several replicas (``"10.0.0.1:50051,10.0.0.2:50051"`` or ``"dns:///textgen:50051"``) are balanced call by call.
+Several replicas (``"10.0.0.1:50051,10.0.0.2:50051"`` or ``"dns:///textgen:50051"``) are balanced call by call,
+and with ``failover=True`` a generation whose replica fails continues on another one with exactly the text it
+would have produced (textgen/failover.py).
 
 Every call raises ``RemoteError`` (a ``TextgenError`` carrying the server's status code and message) on failure.
 Both clients speak the ``textgen.v1`` protocol through the generated stubs; nothing here needs torch or ONNX."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from textgen.errors import ConfigError, TextgenError
+from textgen.failover import Failover, Interrupted
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as pb_grpc
 
@@ -120,25 +125,42 @@ class _Base:
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = None,
         principal: str = "",
+        failover: bool = False,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        """``failover``: generations survive a replica's failure (textgen/failover.py). ``options``: more gRPC
+        channel arguments (keepalive, flow control, ...)."""
         mod = grpc.aio if self._aio else grpc
         target, balancing = channel_target(target)
-        options = [("grpc.max_receive_message_length", 64 << 20), *balancing]
+        options = [("grpc.max_receive_message_length", 64 << 20), *balancing, *options]
         self.channel = (
             mod.secure_channel(target, credentials, options) if credentials else mod.insecure_channel(target, options)
         )
         self.stub = pb_grpc.TextGenerationStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.timeout = timeout
+        self.timeout = timeout  # per call: a resumed stream's new call gets the whole timeout again
+        self.failover = failover
         # sent with every call; sessions belong to the principal that created them
         self.metadata = ((PRINCIPAL_METADATA_KEY, principal),) if principal else None
 
-    def _call(self, method: Any, request: Any, then: Callable[[Any], Any] = _same) -> Any:
+    def _call(
+        self, method: Any, request: Any, then: Callable[[Any], Any] = _same, retry: Failover | None = None
+    ) -> Any:
         raise NotImplementedError
 
+    def _failover(self, request: pb.GenerateRequest, stream: bool) -> Failover:
+        state = Failover.prepare(request, stream)
+        state.enabled = state.enabled and self.failover
+        return state
+
     def generate(self, prompt: str = "", **options: Any) -> Any:
-        """A ``GenerateResponse``: the whole continuation."""
-        return self._call(self.stub.Generate, generate_request(prompt, **options))
+        """A ``GenerateResponse``: the whole continuation (with failover: generated again elsewhere, identically,
+        if its replica fails)."""
+        request = generate_request(prompt, **options)
+        if not self.failover:
+            return self._call(self.stub.Generate, request)
+        retry = self._failover(request, stream=False)
+        return self._call(self.stub.Generate, retry.request, retry=retry)
 
     def score(self, text: str, model: str = "", token_logprobs: bool = False) -> Any:
         """A ``ScoreResponse``: loss, perplexity and (optionally) per-token log-probabilities of ``text``."""
@@ -177,23 +199,40 @@ class Client(_Base):
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method: Any, request: Any, then: Callable[[Any], Any] = _same) -> Any:
-        try:
-            return then(method(request, timeout=self.timeout, metadata=self.metadata))
-        except grpc.RpcError as exc:
-            raise _remote(exc) from None
+    def _call(
+        self, method: Any, request: Any, then: Callable[[Any], Any] = _same, retry: Failover | None = None
+    ) -> Any:
+        while True:
+            try:
+                return then(method(request, timeout=self.timeout, metadata=self.metadata))
+            except grpc.RpcError as exc:
+                delay = retry.next_unary(exc) if retry is not None else None
+                if delay is None:
+                    raise _remote(exc) from None
+            time.sleep(delay)
 
     def stream(self, prompt: str = "", **options: Any) -> Iterator[pb.GenerateStreamResponse]:
-        """The stream's messages; the last one has ``complete`` set. Closing the iterator cancels the call."""
-        call = self.stub.GenerateStream(
-            generate_request(prompt, **options), timeout=self.timeout, metadata=self.metadata
-        )
-        try:
-            yield from call
-        except grpc.RpcError as exc:
-            raise _remote(exc) from None
-        finally:
-            call.cancel()
+        """The stream's messages; the last one has ``complete`` set. Closing the iterator cancels the call. With
+        failover, a broken stream is resumed on another replica and its messages simply go on."""
+        state = self._failover(generate_request(prompt, **options), stream=True)
+        request = state.request
+        while True:
+            call = self.stub.GenerateStream(request, timeout=self.timeout, metadata=self.metadata)
+            try:
+                for msg in call:
+                    state.seen(msg)
+                    yield msg
+                    if msg.HasField("complete"):
+                        return
+                raise Interrupted()
+            except (grpc.RpcError, Interrupted) as exc:
+                resumed = state.next_request(exc)
+                if resumed is None:
+                    raise _remote(exc) from None  # type: ignore[arg-type]
+                request, delay = resumed
+            finally:
+                call.cancel()
+            time.sleep(delay)
 
     def stream_text(self, prompt: str = "", **options: Any) -> Iterator[str]:
         for msg in self.stream(prompt, **options):
@@ -213,23 +252,38 @@ class AsyncClient(_Base):
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _call(self, method: Any, request: Any, then: Callable[[Any], Any] = _same) -> Any:
-        try:
-            return then(await method(request, timeout=self.timeout, metadata=self.metadata))
-        except grpc.RpcError as exc:
-            raise _remote(exc) from None
+    async def _call(
+        self, method: Any, request: Any, then: Callable[[Any], Any] = _same, retry: Failover | None = None
+    ) -> Any:
+        while True:
+            try:
+                return then(await method(request, timeout=self.timeout, metadata=self.metadata))
+            except grpc.RpcError as exc:
+                delay = retry.next_unary(exc) if retry is not None else None
+                if delay is None:
+                    raise _remote(exc) from None
+            await asyncio.sleep(delay)
 
     async def stream(self, prompt: str = "", **options: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
-        call = self.stub.GenerateStream(
-            generate_request(prompt, **options), timeout=self.timeout, metadata=self.metadata
-        )
-        try:
-            async for msg in call:
-                yield msg
-        except grpc.RpcError as exc:
-            raise _remote(exc) from None
-        finally:
-            call.cancel()
+        state = self._failover(generate_request(prompt, **options), stream=True)
+        request = state.request
+        while True:
+            call = self.stub.GenerateStream(request, timeout=self.timeout, metadata=self.metadata)
+            try:
+                async for msg in call:
+                    state.seen(msg)
+                    yield msg
+                    if msg.HasField("complete"):
+                        return
+                raise Interrupted()
+            except (grpc.RpcError, Interrupted) as exc:
+                resumed = state.next_request(exc)
+                if resumed is None:
+                    raise _remote(exc) from None  # type: ignore[arg-type]
+                request, delay = resumed
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
 
     async def stream_text(self, prompt: str = "", **options: Any) -> AsyncIterator[str]:
         async for msg in self.stream(prompt, **options):

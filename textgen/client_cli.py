@@ -27,13 +27,19 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cert", type=Path, help="client certificate for mutual TLS (PEM); implies --tls")
     g.add_argument("--key", type=Path, help="client private key for mutual TLS (PEM)")
     g.add_argument("--timeout", type=float, default=None, help="deadline per call in seconds (default: none)")
+    g.add_argument(
+        "--failover",
+        action="store_true",
+        help="if the replica generating fails, continue on another one with exactly the same text (fixes a random "
+        "seed when none is given; not for --session)",
+    )
 
 
 def _client(args: argparse.Namespace) -> Any:
     from textgen.client import Client, channel_credentials
 
     creds = channel_credentials(args.ca, args.cert, args.key) if (args.tls or args.ca or args.cert) else None
-    return Client(args.server, creds, args.timeout)
+    return Client(args.server, creds, args.timeout, failover=getattr(args, "failover", False))
 
 
 def register(commands: Any) -> None:

@@ -1,0 +1,101 @@
+"""Exact failover for the client: a stream whose replica fails mid-generation continues on another replica, and
+the caller receives exactly the text one uninterrupted stream would have sent (no token lost or repeated).
+
+The protocol (``GenerateRequest.return_token_ids`` and ``resume`` in the proto): the stream is asked for every
+token's id and, on its first message, the model version. When the call breaks (the replica died, or the proxy in
+front of it reset the stream), the client sends the same request again with ``resume``: the token ids and the
+number of characters it received and the version that produced them. The new replica runs them as context,
+advances the seeded generator past them and goes on from there (service/resume.py). It needs a seed, so a
+request without one gets a random seed here (reported in the final message as usual); a snapshot request
+carries its generator in the snapshot. A server-side session lives on one replica, so its streams are not
+resumed (use snapshots to carry a conversation across replicas).
+
+The state is a few dozen bytes per call plus the token ids; nothing is stored on any server."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from textgen.v1 import textgen_pb2 as pb
+
+# Tries after the first call breaks; each waits BACKOFF_SECONDS * 2**i before it (0.1 ... 1.6 s, 3.1 s in all):
+# enough for a balancer to notice that a replica is gone, bounded so a client never hangs on a dead deployment.
+ATTEMPTS = 5
+BACKOFF_SECONDS = 0.1
+# Details of statuses that mean "the connection to the replica broke", not "the server refused": grpc-core's
+# words for a stream reset by a proxy (nginx resets its client's stream when the upstream replica dies).
+_BROKEN = ("rst_stream", "stream removed", "socket closed", "connection reset", "goaway")
+
+
+def retryable(exc: grpc.RpcError) -> bool:
+    """Whether a failed call may be resumed: the replica or the path to it failed, not the request."""
+    code = exc.code() if hasattr(exc, "code") else None
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    return code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and any(w in details.lower() for w in _BROKEN)
+
+
+class Interrupted(Exception):
+    """A stream that ended without its final message (a proxy may close it cleanly when its upstream dies)."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the stream ended before its final message"
+
+
+@dataclass
+class Failover:
+    """One call's failover state: the request and what its streams delivered so far."""
+
+    request: pb.GenerateRequest
+    token_ids: list[int] = field(default_factory=list)
+    text_chars: int = 0
+    model_version: str = ""
+    attempt: int = 0
+    enabled: bool = True
+
+    @classmethod
+    def prepare(cls, request: pb.GenerateRequest, stream: bool = True) -> Failover:
+        """The request as failover sends it: a stream asks for token ids, and the seed is fixed (a session's call
+        is sent as is and not repeated)."""
+        if request.session_id:
+            return cls(request, enabled=False)
+        request = pb.GenerateRequest.FromString(request.SerializeToString())  # the caller's request is not changed
+        request.return_token_ids = request.return_token_ids or stream
+        if not request.HasField("seed") and not request.snapshot:
+            request.seed = secrets.randbits(64)
+        return cls(request)
+
+    def seen(self, msg: Any) -> None:
+        """Record a delivered message (a GenerateStreamResponse)."""
+        self.token_ids.extend(msg.token_ids)
+        self.text_chars += len(msg.text)
+        if msg.model_version:
+            self.model_version = msg.model_version
+
+    def next_request(self, exc: BaseException) -> tuple[pb.GenerateRequest, float] | None:
+        """The request that resumes the stream after ``exc``, and how long to wait before sending it; None when
+        ``exc`` is not a broken connection or the tries are used up (the caller then raises it)."""
+        if not self.enabled or not isinstance(exc, (grpc.RpcError, Interrupted)) or not retryable(exc):  # type: ignore[arg-type]
+            return None
+        if self.attempt >= ATTEMPTS:
+            return None
+        delay = BACKOFF_SECONDS * 2**self.attempt
+        self.attempt += 1
+        request = pb.GenerateRequest.FromString(self.request.SerializeToString())
+        request.resume.CopyFrom(
+            pb.Resume(token_ids=self.token_ids, text_chars=self.text_chars, model_version=self.model_version)
+        )
+        return request, delay
+
+    def next_unary(self, exc: BaseException) -> float | None:
+        """For a unary Generate, which delivers nothing before it ends: the wait before sending it again."""
+        resumed = self.next_request(exc)
+        return None if resumed is None else resumed[1]
