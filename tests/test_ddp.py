@@ -188,6 +188,23 @@ def test_torchrun_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path: Pat
     assert [r["step"] for r in _logged(run) if "val_loss" in r] == [4, 8]
 
 
+def test_a_one_process_checkpoint_resumes_under_torchrun_exactly(
+    tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-process run continued by a one-rank torchrun launch (in this process): its RNG state is the rank's,
+    and DDP over one rank changes no gradient, so the weights are those of the run straight through."""
+    data = {"path": str(corpus_file)}
+    run_train(DROPOUT_MODEL, data, TRAIN, tmp_path / "straight", progress=False)
+    run_train(DROPOUT_MODEL, data, TRAIN, tmp_path / "split", stop_at=4, progress=False)
+    environment = {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for name, value in {**environment, "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(name, value)
+    run_train({}, {}, {}, tmp_path / "split", resume=True, progress=False)
+    assert "ranks" in load_checkpoint(tmp_path / "split" / "last.pt")["rng"]  # written by the one-rank launch
+    straight, split = (load_checkpoint(tmp_path / run / "last.pt")["model"] for run in ("straight", "split"))
+    assert _max_difference(straight, split) == 0
+
+
 TORCHRUN_ENVIRONMENT = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
 
 

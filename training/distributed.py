@@ -186,7 +186,8 @@ class Replicas:
         if saved_world_size != self.world_size:
             torch.manual_seed(rank_seed(seed, self.rank))
             return False
-        own = saved["ranks"][self.rank] if self.distributed else saved
+        # a one-process run saves no "ranks" (its states are the top level ones, as are rank 0's under torchrun)
+        own = saved.get("ranks", [saved])[self.rank]
         torch.set_rng_state(own["torch"])
         if self.device.type == "cuda" and own.get("cuda"):
             torch.cuda.set_rng_state_all(own["cuda"])
