@@ -173,6 +173,30 @@ def register(commands: Any) -> None:
         "--seconds", type=float, default=0.25, help="time per measurement of both (default: %(default)s)"
     )
 
+    replicas = _command(
+        sub,
+        "replicas",
+        _replicas,
+        "bench-results/replicas",
+        help="scale-out on this machine: throughput of 1, 2, 3 replicas (round_robin) and the cost of a failover",
+        description="Exports CHECKPOINT (fp32) and starts up to 3 `textgen serve` replicas of it. Throughput: one "
+        "client balances C streams (the sampling mix of `bench serve`) over the first N replicas with "
+        "round_robin, for each N once per round, in alternating order, median of --repeats rounds; with the "
+        "replicas' and the client's CPU time per token. Failover: a failover client reads a seeded stream from 3 "
+        "replicas, the replica generating it is SIGKILLed after --kill-after messages; the time from the kill to "
+        "the resumed stream's first message, and whether the text equals the uninterrupted text. Writes "
+        "replicas.json into --out.",
+    )
+    replicas.add_argument("checkpoint", type=Path)
+    replicas.add_argument("--replicas", type=_ints, default=[1, 2, 3], help="replica counts (default: 1,2,3)")
+    replicas.add_argument("--concurrency", type=int, default=64, help="streams at once (default: %(default)s)")
+    replicas.add_argument("--max-tokens", type=int, default=256, help="tokens a stream (default: %(default)s)")
+    replicas.add_argument("--repeats", type=int, default=3, help="rounds (default: %(default)s)")
+    replicas.add_argument("--threads", type=int, default=1, help="each replica's ONNX Runtime threads (default: 1)")
+    replicas.add_argument("--trials", type=int, default=10, help="failover trials (default: %(default)s)")
+    replicas.add_argument("--failover-tokens", type=int, default=2000, help="tokens of a failover stream")
+    replicas.add_argument("--kill-after", type=int, default=50, help="messages read before the kill (default: 50)")
+
 
 def _serve(args: argparse.Namespace) -> int:
     from bench.serve import run_serve_bench
@@ -251,6 +275,26 @@ def _quality(args: argparse.Namespace) -> int:
     from bench.quality import run_quality_bench
 
     run_quality_bench(args.checkpoint, args.out, args.split, args.tokens, args.precisions, args.block)
+    return 0
+
+
+def _replicas(args: argparse.Namespace) -> int:
+    from bench.replicas import run_replicas_bench
+    from bench.serve import export_bundles
+
+    bundle = export_bundles(args.checkpoint, args.out / "bundles", ["fp32"])["fp32"]
+    run_replicas_bench(
+        bundle,
+        args.out,
+        args.replicas,
+        args.concurrency,
+        args.max_tokens,
+        args.repeats,
+        args.threads,
+        args.trials,
+        args.failover_tokens,
+        args.kill_after,
+    )
     return 0
 
 

@@ -148,23 +148,28 @@ def figures(streams: list[_Stream], seconds: float) -> dict[str, float]:
     }
 
 
-async def drive(target: str, batch: list[Any], server_pid: int | None = None) -> LoadResult:
-    """The streams of ``batch`` started at once. With ``server_pid`` (a local server), the server's CPU time is
-    read from /proc around the run."""
+async def drive(target: str, batch: list[Any], server_pid: int | list[int] | None = None) -> LoadResult:
+    """The streams of ``batch`` started at once. With ``server_pid`` (a local server, or several replicas), the
+    servers' CPU time is read from /proc around the run. ``target`` may list replicas (``textgen.client``'s
+    forms): calls are then balanced with round_robin."""
     import grpc
 
+    from textgen.client import channel_target
     from textgen.v1 import textgen_pb2 as pb
     from textgen.v1 import textgen_pb2_grpc as pb_grpc
 
-    async with grpc.aio.insecure_channel(target) as channel:
+    pids = [server_pid] if isinstance(server_pid, int) else server_pid
+    target, options = channel_target(target)
+    async with grpc.aio.insecure_channel(target, options) as channel:
         stub = pb_grpc.TextGenerationStub(channel)
-        await stub.Generate(pb.GenerateRequest(max_tokens=2, seed=0))  # the channel connected before the clock
+        for _ in range(len(pids or [0])):  # every replica connected before the clock
+            await stub.Generate(pb.GenerateRequest(max_tokens=2, seed=0), wait_for_ready=True)
         out: list[_Stream] = []
-        server_cpu = process_cpu_seconds(server_pid)
+        server_cpu = _cpu(pids)
         start, client_cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(_stream(stub, r, out) for r in batch))
         seconds, client_cpu = time.perf_counter() - start, time.process_time() - client_cpu
-        server_cpu_after = process_cpu_seconds(server_pid)
+        server_cpu_after = _cpu(pids)
     f = figures(out, seconds)
     per_token = 1e3 / max(1, f["tokens"])
     return LoadResult(
@@ -175,6 +180,11 @@ async def drive(target: str, batch: list[Any], server_pid: int | None = None) ->
         else (server_cpu_after - server_cpu) * per_token,
         client_cpu_ms_per_token=client_cpu * per_token,
     )
+
+
+def _cpu(pids: list[int] | None) -> float | None:
+    seconds = [process_cpu_seconds(p) for p in pids or []]
+    return None if not seconds or None in seconds else sum(s for s in seconds if s is not None)
 
 
 def process_cpu_seconds(pid: int | None) -> float | None:
@@ -201,6 +211,7 @@ class ServerProcess:
         stream_interval: int | None = None,
         providers: str = "CPUExecutionProvider",
         cuda_graphs: bool = False,
+        extra: tuple[str, ...] = (),
     ) -> None:
         cmd = [sys.executable, "-m", "textgen.cli", "serve", "--bundle", str(bundle), "--port", "0",
                "--providers", providers, "--intra-op-threads", str(threads),
@@ -210,6 +221,8 @@ class ServerProcess:
             cmd += ["--cuda-graphs", "true"]
         if stream_interval is not None:
             cmd += ["--max-stream-interval", str(stream_interval)]
+        cmd += extra
+        self.metrics_url = ""  # with extra "--metrics-port 0": read from the start-up line too
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in stop); a file, not a pipe: none to drain
         self.proc = subprocess.Popen(cmd, stderr=self.log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.port = self._port()
@@ -221,6 +234,8 @@ class ServerProcess:
             self.log.seek(0)
             for line in self.log:
                 if "textgen serving " in line and " on 127.0.0.1:" in line:
+                    if "metrics on http://" in line:
+                        self.metrics_url = line.split("metrics on ")[1].split()[0].rstrip(";,")
                     return int(line.split(" on 127.0.0.1:")[1].split()[0])
             if self.proc.poll() is not None:
                 self.log.seek(0)
