@@ -28,7 +28,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.load import MIX, LoadResult, ServerProcess, drive, requests
 from textgen.client import Client
 
-PROMPT = "The "
+PROMPT = ""  # from the start token: every vocabulary has it
+# The failover stream cannot end while the client stops reading to kill its replica, on any machine: each replica
+# buffers at most 8 unsent tokens and the client's flow-control window stays at ~1 KB (tokens are >= 1 byte).
+HELD = ("--stream-buffer-tokens", "8")
+SMALL_WINDOW = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024))
 
 
 def _serving(replica: ServerProcess) -> bool:
@@ -38,8 +42,8 @@ def _serving(replica: ServerProcess) -> bool:
     return any(s.value for f in text_string_to_metric_families(text) if f.name in names for s in f.samples)
 
 
-def _start(bundle: Path, threads: int, concurrency: int, max_tokens: int) -> ServerProcess:
-    return ServerProcess(bundle, threads, concurrency, max_tokens, extra=("--metrics-port", "0"))
+def _start(bundle: Path, threads: int, concurrency: int, max_tokens: int, *extra: str) -> ServerProcess:
+    return ServerProcess(bundle, threads, concurrency, max_tokens, extra=("--metrics-port", "0", *extra))
 
 
 def throughput(
@@ -68,7 +72,7 @@ def _trial(replicas: list[ServerProcess], request: dict[str, Any], kill_after: i
     stamps: list[float] = []
     parts: list[str] = []
     killed_at, victim, resumed = 0.0, -1, -1
-    with Client(target, timeout=120, failover=True) as client:
+    with Client(target, timeout=120, failover=True, options=SMALL_WINDOW) as client:
         for msg in client.stream(PROMPT, **request):
             stamps.append(time.perf_counter())
             parts.append(msg.text)
@@ -90,7 +94,7 @@ def _trial(replicas: list[ServerProcess], request: dict[str, Any], kill_after: i
 
 
 def failover_cost(bundle: Path, trials: int, max_tokens: int, kill_after: int, threads: int) -> list[dict[str, Any]]:
-    replicas = [_start(bundle, threads, 8, max_tokens) for _ in range(3)]
+    replicas = [_start(bundle, threads, 8, max_tokens, *HELD) for _ in range(3)]
     request = {"max_tokens": max_tokens, "temperature": 0.9, "top_k": 40, "seed": 0}
     out = []
     try:
@@ -104,7 +108,7 @@ def failover_cost(bundle: Path, trials: int, max_tokens: int, kill_after: int, t
                 flush=True,
             )
             replicas[result["victim"]].stop()
-            replicas[result["victim"]] = _start(bundle, threads, 8, max_tokens)
+            replicas[result["victim"]] = _start(bundle, threads, 8, max_tokens, *HELD)
     finally:
         for r in replicas:
             r.stop()

@@ -181,3 +181,16 @@ def test_bench_soak_mixed_load_ends_clean(trained_run: Path, tmp_path: Path) -> 
         assert {"start", "end", "max"} <= set(report[key]) and report[key]["max"] >= report[key]["start"] > 0
     assert "slope_mib_per_min_second_half" in report["rss_mib"]
     assert len(report["samples"]) >= 3 and (out / "soak.png").stat().st_size > 0
+
+
+def test_bench_replicas_measures_throughput_and_an_exact_failover(trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "replicas"
+    argv = ["bench", "replicas", str(trained_run / "best.pt"), "--replicas", "1,2", "--concurrency", "2",
+            "--max-tokens", "8", "--repeats", "1", "--trials", "1", "--failover-tokens", "600", "--kill-after", "3",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "replicas.json").read_text())
+    assert set(report["throughput"]) == {"1", "2"} and report["throughput"]["1"]["ratio_to_one"] == 1.0
+    assert all(r["tokens"] == 16 for r in report["throughput"].values())
+    (trial,) = report["failover"]["trials"]
+    assert trial["exact"] and trial["kill_to_next_message_ms"] > 0
