@@ -115,8 +115,10 @@ def test_base_stack_wiring(ci_models: Path) -> None:
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
     assert "service.healthprobe" in textgen["healthcheck"]["test"]
     assert all(s.get("healthcheck") for n, s in services.items() if n != "trainer")
-    # Clients reach the replicas through nginx only; Prometheus scrapes them inside the compose network.
+    # Clients reach the replicas through nginx only; Prometheus scrapes them inside the compose network. So the
+    # replicas may trust the principal nginx names (test_nginx_proxies_grpc_without_resending_calls).
     assert "ports" not in textgen and set(textgen["expose"]) == {"50051", "9400"}
+    assert textgen["environment"]["TEXTGEN_TRUST_PRINCIPAL_METADATA"] == "true"
     assert [(p["target"], p["published"]) for p in nginx["ports"]] == [(50051, "50051")]
     assert nginx["command"] == ["-c", "/etc/nginx/textgen/nginx.conf"]
     # Servers and trainer share the model repository; the servers only read it.
@@ -253,11 +255,14 @@ def test_nginx_proxies_grpc_without_resending_calls() -> None:
         assert re.search(r"^\s*listen\s+\S+\s+http2;", text, flags=re.MULTILINE), config  # h2c: gRPC needs HTTP/2
         assert re.search(r"^\s*grpc_pass grpc://textgen;", text, flags=re.MULTILINE), config
         assert re.search(r"^\s*include proxy\.conf;", text, flags=re.MULTILINE), config
+    proxy = (DEPLOY / "nginx" / "proxy.conf").read_text(encoding="utf-8")
     directives = dict(
         line.strip().rstrip(";").split(None, 1)
-        for line in (DEPLOY / "nginx" / "proxy.conf").read_text(encoding="utf-8").splitlines()
-        if line.strip().startswith("grpc_") or line.strip().startswith("client_max_body_size")
+        for line in proxy.splitlines()
+        if line.strip().startswith(("grpc_", "client_max_body_size")) and "_set_header" not in line
     )
+    # Every call's principal is the client's address, whatever the client sent (the replicas trust this header).
+    assert re.search(r"^grpc_set_header x-textgen-principal \$remote_addr;", proxy, flags=re.MULTILINE)
     # Another replica only when this one could not be reached: never `non_idempotent`, which would send a
     # generation that already reached a replica to a second one.
     assert directives["grpc_next_upstream"].split() == ["error", "timeout"]
