@@ -160,21 +160,47 @@ def start_server(bundle: Path, **overrides: Any) -> Live:
 
 
 class ServeProcess:
-    """``textgen serve`` in its own process, as users run it (``start_serve_process``)."""
+    """``textgen serve ARGS`` in its own process, as users run it, on any free loopback port: started by
+    ``start_serve_process``, which returns once the server says it listens (at log level info or lower). Its log
+    is read all along by a thread (``log``), so a full pipe never blocks the server and a server that never
+    starts is killed, not left behind."""
 
-    def __init__(self, proc: subprocess.Popen[str], line: str) -> None:
-        self.proc = proc
-        self.port = int(line.split(" on 127.0.0.1:")[1].split()[0])
-        tail = line.split("metrics on http://127.0.0.1:")
-        self.metrics_url = f"http://127.0.0.1:{int(tail[1].split('/')[0])}/metrics" if len(tail) > 1 else ""
-        self.log: list[str] = [line]
-        # Its log goes on being read, so a full pipe never blocks the server.
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "textgen.cli",
+                "serve",
+                "--port",
+                "0",
+                "--providers",
+                "CPUExecutionProvider",
+                "--intra-op-threads",
+                "1",
+                *args,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.log: list[str] = []
+        self.port = 0
+        self.metrics_url = ""
+        self._listening = threading.Event()
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _drain(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.log.append(line)
+            if not self._listening.is_set() and " on 127.0.0.1:" in line:
+                self.port = int(line.split(" on 127.0.0.1:")[1].split()[0])
+                tail = line.split("metrics on http://127.0.0.1:")
+                if len(tail) > 1:
+                    self.metrics_url = f"http://127.0.0.1:{int(tail[1].split('/')[0])}/metrics"
+                self._listening.set()
+        self._listening.set()  # it exited
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -183,36 +209,11 @@ class ServeProcess:
 
 
 def start_serve_process(*args: str) -> ServeProcess:
-    """``textgen serve ARGS`` on any free loopback port, once it says it listens (at log level info or lower)."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "textgen.cli",
-            "serve",
-            "--port",
-            "0",
-            "--providers",
-            "CPUExecutionProvider",
-            "--intra-op-threads",
-            "1",
-            *args,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if " on 127.0.0.1:" in line:
-            return ServeProcess(proc, line)
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    proc.wait()
-    raise AssertionError("textgen serve did not start")
+    server = ServeProcess(*args)
+    if not server._listening.wait(60) or not server.port:
+        server.stop()
+        raise AssertionError("textgen serve did not start: " + "".join(server.log[-20:]))
+    return server
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = CALL_TIMEOUT) -> None:
