@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from textgen.client import Client
+
+from live_server import ENDLESS
 from live_stack import (
     DEPLOY,
     PORTS,
@@ -44,10 +48,6 @@ from live_stack import (
     wait_for_value,
     wait_until,
 )
-
-from textgen.client import Client
-
-from live_server import ENDLESS
 
 
 def _requirements() -> str | None:
