@@ -179,20 +179,22 @@ def register(commands: Any) -> None:
         _replicas,
         "bench-results/replicas",
         help="scale-out on this machine: throughput of 1, 2, 3 replicas (round_robin) and the cost of a failover",
-        description="Exports CHECKPOINT (fp32) and starts up to 3 `textgen serve` replicas of it. Throughput: one "
-        "client balances C streams (the sampling mix of `bench serve`) over the first N replicas with "
-        "round_robin, for each N once per round, in alternating order, median of --repeats rounds; with the "
-        "replicas' and the client's CPU time per token. Failover: a failover client reads a seeded stream from 3 "
-        "replicas, the replica generating it is SIGKILLed after --kill-after messages; the time from the kill to "
-        "the resumed stream's first message, and whether the text equals the uninterrupted text. Writes "
-        "replicas.json into --out.",
+        description="Exports CHECKPOINT (fp32) and starts up to 3 `textgen serve` replicas of it, each with an "
+        "equal share of the cores as ONNX Runtime threads (--threads overrides). Throughput: one client balances C "
+        "streams (the sampling mix of `bench serve`) over N replicas with round_robin, for each N once per round, "
+        "in alternating order, median of --repeats rounds; with the replicas' and the client's CPU time per "
+        "token. Failover: a failover client reads a seeded stream from 3 replicas, the replica generating it is "
+        "SIGKILLed after --kill-after messages; the time from the kill to the resumed stream's first message, and "
+        "whether the text equals the uninterrupted text. Writes replicas.json into --out.",
     )
     replicas.add_argument("checkpoint", type=Path)
     replicas.add_argument("--replicas", type=_ints, default=[1, 2, 3], help="replica counts (default: 1,2,3)")
     replicas.add_argument("--concurrency", type=int, default=64, help="streams at once (default: %(default)s)")
     replicas.add_argument("--max-tokens", type=int, default=256, help="tokens a stream (default: %(default)s)")
     replicas.add_argument("--repeats", type=int, default=3, help="rounds (default: %(default)s)")
-    replicas.add_argument("--threads", type=int, default=1, help="each replica's ONNX Runtime threads (default: 1)")
+    replicas.add_argument(
+        "--threads", type=int, default=0, help="each replica's ONNX Runtime threads (0: the cores shared out equally)"
+    )
     replicas.add_argument("--trials", type=int, default=10, help="failover trials (default: %(default)s)")
     replicas.add_argument("--failover-tokens", type=int, default=2000, help="tokens of a failover stream")
     replicas.add_argument("--kill-after", type=int, default=50, help="messages read before the kill (default: 50)")

@@ -46,22 +46,34 @@ def _start(bundle: Path, threads: int, concurrency: int, max_tokens: int, *extra
     return ServerProcess(bundle, threads, concurrency, max_tokens, extra=("--metrics-port", "0", *extra))
 
 
+def replica_threads(threads: int, replicas: int) -> int:
+    """ONNX Runtime threads of each of ``replicas`` replicas: ``threads``, or (0) an equal share of the cores, so
+    one replica uses the whole machine as N replicas do together."""
+    return threads or max(1, (os.cpu_count() or 1) // replicas)
+
+
 def throughput(
     bundle: Path, counts: list[int], concurrency: int, max_tokens: int, rounds: int, threads: int
 ) -> dict[int, LoadResult]:
-    servers = [_start(bundle, threads, concurrency, max_tokens) for _ in range(max(counts))]
+    pools: dict[int, list[ServerProcess]] = {}  # by threads: the replicas of every count that uses that many
+    for n in counts:
+        k = replica_threads(threads, n)
+        pool = pools.setdefault(k, [])
+        pool.extend(_start(bundle, k, concurrency, max_tokens) for _ in range(n - len(pool)))
     runs: dict[int, list[LoadResult]] = {n: [] for n in counts}
     try:
         for r in range(rounds):
             for n in counts if r % 2 == 0 else list(reversed(counts)):
-                target = ",".join(f"127.0.0.1:{s.port}" for s in servers[:n])
+                servers = pools[replica_threads(threads, n)][:n]
+                target = ",".join(f"127.0.0.1:{s.port}" for s in servers)
                 batch = requests(MIX, concurrency, max_tokens)
-                result = asyncio.run(drive(target, batch, [s.proc.pid for s in servers[:n]]))
+                result = asyncio.run(drive(target, batch, [s.proc.pid for s in servers]))
                 runs[n].append(result)
                 print(f"  round {r + 1}: {n} replica(s), C={concurrency}: {result.tokens_per_s:,.0f} tok/s", flush=True)
     finally:
-        for s in servers:
-            s.stop()
+        for pool in pools.values():
+            for s in pool:
+                s.stop()
     return {n: sorted(rs, key=lambda x: x.tokens_per_s)[len(rs) // 2] for n, rs in runs.items()}
 
 
@@ -94,6 +106,7 @@ def _trial(replicas: list[ServerProcess], request: dict[str, Any], kill_after: i
 
 
 def failover_cost(bundle: Path, trials: int, max_tokens: int, kill_after: int, threads: int) -> list[dict[str, Any]]:
+    threads = replica_threads(threads, 3)
     replicas = [_start(bundle, threads, 8, max_tokens, *HELD) for _ in range(3)]
     request = {"max_tokens": max_tokens, "temperature": 0.9, "top_k": 40, "seed": 0}
     out = []
@@ -130,8 +143,10 @@ def run_replicas_bench(
     out.mkdir(parents=True, exist_ok=True)
     print(f"throughput: {counts} replicas, C={concurrency}, {max_tokens} tokens a stream, {rounds} rounds")
     best = throughput(bundle, counts, concurrency, max_tokens, rounds, threads)
-    print(f"failover: {trials} trials, kill after {kill_after} messages of {failover_tokens} tokens")
-    cost = failover_cost(bundle, trials, failover_tokens, kill_after, threads)
+    cost = []
+    if trials:
+        print(f"failover: {trials} trials, kill after {kill_after} messages of {failover_tokens} tokens")
+        cost = failover_cost(bundle, trials, failover_tokens, kill_after, threads)
     base = best[min(counts)].tokens_per_s
     report = {
         "bundle": str(bundle),
@@ -139,8 +154,10 @@ def run_replicas_bench(
         "concurrency": concurrency,
         "max_tokens": max_tokens,
         "rounds": rounds,
+        "threads_per_replica": {str(n): replica_threads(threads, n) for n in counts},
         "throughput": {str(n): {**asdict(r), "ratio_to_one": r.tokens_per_s / base} for n, r in best.items()},
-        "failover": {
+        "failover": cost
+        and {
             "trials": cost,
             "kill_to_next_message_ms_p50": statistics.median(c["kill_to_next_message_ms"] for c in cost),
             "kill_to_next_message_ms_max": max(c["kill_to_next_message_ms"] for c in cost),
@@ -157,6 +174,8 @@ def run_replicas_bench(
             f"{r.client_cpu_ms_per_token:.3f} | {r.gap_p50_ms:.1f} / {r.gap_p99_ms:.1f} | {r.ttft_p50_ms:.1f} |"
         )
     f = report["failover"]
+    if not f:
+        return report
     print(
         f"\nfailover: kill -> next message p50 {f['kill_to_next_message_ms_p50']:.1f} ms, max "
         f"{f['kill_to_next_message_ms_max']:.1f} ms (ordinary gap p50 {f['gap_p50_before_ms']:.2f} ms); "
