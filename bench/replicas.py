@@ -85,7 +85,7 @@ def _trial(replicas: list[ServerProcess], request: dict[str, Any], kill_after: i
     parts: list[str] = []
     killed_at, victim, resumed = 0.0, -1, -1
     with Client(target, timeout=120, failover=True, options=SMALL_WINDOW) as client:
-        for msg in client.stream(PROMPT, **request):
+        for msg in client.stream(PROMPT, return_token_ids=True, **request):  # the version marks a resumed call
             stamps.append(time.perf_counter())
             parts.append(msg.text)
             if killed_at and resumed < 0 and msg.model_version:  # a stream's first message names the version

@@ -86,7 +86,7 @@ def test_a_killed_replica_s_stream_continues_on_another_with_the_same_text(
     victim: list[ServeProcess] = []
     if flavour == "sync":
         with Client(_target(replicas), **options) as client:
-            stream = client.stream("def ", **REQUEST)
+            stream = client.stream("def ", return_token_ids=True, **REQUEST)
             messages = [next(stream)]
             victim.append(_kill_serving(replicas))
             messages += list(stream)
@@ -94,7 +94,7 @@ def test_a_killed_replica_s_stream_continues_on_another_with_the_same_text(
 
         async def run() -> list[pb.GenerateStreamResponse]:
             async with AsyncClient(_target(replicas), **options) as client:
-                stream = client.stream("def ", **REQUEST)
+                stream = client.stream("def ", return_token_ids=True, **REQUEST)
                 got = [await anext(stream)]
                 victim.append(await asyncio.to_thread(_kill_serving, replicas))
                 return got + [m async for m in stream]

@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from textgen.errors import ConfigError, TextgenError
-from textgen.failover import Failover, Interrupted
+from textgen.failover import SHUT_DOWN, Failover, Interrupted
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as pb_grpc
 
@@ -138,7 +138,7 @@ class _Base:
         )
         self.stub = pb_grpc.TextGenerationStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.timeout = timeout  # per call: a resumed stream's new call gets the whole timeout again
+        self.timeout = timeout  # per call; with failover, per generation (resumed calls get what is left)
         self.failover = failover
         # sent with every call; sessions belong to the principal that created them
         self.metadata = ((PRINCIPAL_METADATA_KEY, principal),) if principal else None
@@ -149,18 +149,16 @@ class _Base:
         raise NotImplementedError
 
     def _failover(self, request: pb.GenerateRequest, stream: bool) -> Failover:
-        state = Failover.prepare(request, stream)
-        state.enabled = state.enabled and self.failover
-        return state
+        return Failover.prepare(request, stream, self.failover)
+
+    def _timeout(self, retry: Failover | None) -> float | None:
+        return self.timeout if retry is None else retry.timeout(self.timeout)
 
     def generate(self, prompt: str = "", **options: Any) -> Any:
         """A ``GenerateResponse``: the whole continuation (with failover: generated again elsewhere, identically,
         if its replica fails)."""
-        request = generate_request(prompt, **options)
-        if not self.failover:
-            return self._call(self.stub.Generate, request)
-        retry = self._failover(request, stream=False)
-        return self._call(self.stub.Generate, retry.request, retry=retry)
+        retry = self._failover(generate_request(prompt, **options), stream=False)
+        return self._call(self.stub.Generate, retry.request, retry=retry if retry.enabled else None)
 
     def score(self, text: str, model: str = "", token_logprobs: bool = False) -> Any:
         """A ``ScoreResponse``: loss, perplexity and (optionally) per-token log-probabilities of ``text``."""
@@ -204,11 +202,15 @@ class Client(_Base):
     ) -> Any:
         while True:
             try:
-                return then(method(request, timeout=self.timeout, metadata=self.metadata))
-            except grpc.RpcError as exc:
-                delay = retry.next_unary(exc) if retry is not None else None
-                if delay is None:
-                    raise _remote(exc) from None
+                reply = method(request, timeout=self._timeout(retry), metadata=self.metadata)
+                if retry is None or not retry.cut_short(reply):
+                    return then(reply)
+                exc: Any = Interrupted(SHUT_DOWN)
+            except grpc.RpcError as error:
+                exc = error
+            delay = retry.next_unary(exc) if retry is not None else None
+            if delay is None:
+                raise _remote(exc) from None
             time.sleep(delay)
 
     def stream(self, prompt: str = "", **options: Any) -> Iterator[pb.GenerateStreamResponse]:
@@ -217,11 +219,14 @@ class Client(_Base):
         state = self._failover(generate_request(prompt, **options), stream=True)
         request = state.request
         while True:
-            call = self.stub.GenerateStream(request, timeout=self.timeout, metadata=self.metadata)
+            call = self.stub.GenerateStream(request, timeout=state.timeout(self.timeout), metadata=self.metadata)
             try:
                 for msg in call:
-                    state.seen(msg)
-                    yield msg
+                    out, cut = state.receive(msg)
+                    if out is not None:
+                        yield out
+                    if cut:
+                        raise Interrupted(SHUT_DOWN)
                     if msg.HasField("complete"):
                         return
                 raise Interrupted()
@@ -257,22 +262,29 @@ class AsyncClient(_Base):
     ) -> Any:
         while True:
             try:
-                return then(await method(request, timeout=self.timeout, metadata=self.metadata))
-            except grpc.RpcError as exc:
-                delay = retry.next_unary(exc) if retry is not None else None
-                if delay is None:
-                    raise _remote(exc) from None
+                reply = await method(request, timeout=self._timeout(retry), metadata=self.metadata)
+                if retry is None or not retry.cut_short(reply):
+                    return then(reply)
+                exc: Any = Interrupted(SHUT_DOWN)
+            except grpc.RpcError as error:
+                exc = error
+            delay = retry.next_unary(exc) if retry is not None else None
+            if delay is None:
+                raise _remote(exc) from None
             await asyncio.sleep(delay)
 
     async def stream(self, prompt: str = "", **options: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
         state = self._failover(generate_request(prompt, **options), stream=True)
         request = state.request
         while True:
-            call = self.stub.GenerateStream(request, timeout=self.timeout, metadata=self.metadata)
+            call = self.stub.GenerateStream(request, timeout=state.timeout(self.timeout), metadata=self.metadata)
             try:
                 async for msg in call:
-                    state.seen(msg)
-                    yield msg
+                    out, cut = state.receive(msg)
+                    if out is not None:
+                        yield out
+                    if cut:
+                        raise Interrupted(SHUT_DOWN)
                     if msg.HasField("complete"):
                         return
                 raise Interrupted()

@@ -10,11 +10,17 @@ request without one gets a random seed here (reported in the final message as us
 carries its generator in the snapshot. A server-side session lives on one replica, so its streams are not
 resumed (use snapshots to carry a conversation across replicas).
 
+A replica that shuts down past its grace period ends what it still runs with FINISH_REASON_CANCELLED: that final
+message is a cut like any other (its text goes on from another replica). The caller sees token ids and the model
+version only if it asked for them, and the client's timeout bounds the whole generation, as it would bound the
+uninterrupted stream: each resumed call gets what is left of it.
+
 The state is a few dozen bytes per call plus the token ids; nothing is stored on any server."""
 
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +36,7 @@ BACKOFF_SECONDS = 0.1
 # Details of statuses that mean "the connection to the replica broke", not "the server refused": grpc-core's
 # words for a stream reset by a proxy (nginx resets its client's stream when the upstream replica dies).
 _BROKEN = ("rst_stream", "stream removed", "socket closed", "connection reset", "goaway")
+SHUT_DOWN = "the replica cancelled the generation (it is shutting down)"
 
 
 def retryable(exc: grpc.RpcError) -> bool:
@@ -42,13 +49,17 @@ def retryable(exc: grpc.RpcError) -> bool:
 
 
 class Interrupted(Exception):
-    """A stream that ended without its final message (a proxy may close it cleanly when its upstream dies)."""
+    """A stream that ended without its final message (a proxy may close it cleanly when its upstream dies), or
+    a generation its replica cancelled (``SHUT_DOWN``)."""
+
+    def __init__(self, details: str = "the stream ended before its final message") -> None:
+        super().__init__(details)
 
     def code(self) -> grpc.StatusCode:
         return grpc.StatusCode.UNAVAILABLE
 
     def details(self) -> str:
-        return "the stream ended before its final message"
+        return str(self.args[0])
 
 
 @dataclass
@@ -61,25 +72,51 @@ class Failover:
     model_version: str = ""
     attempt: int = 0
     enabled: bool = True
+    asked_ids: bool = True  # the caller asked for token ids (and the model version) itself
+    deadline: float | None = None  # time.monotonic() value: the first call's deadline, the whole generation's
 
     @classmethod
-    def prepare(cls, request: pb.GenerateRequest, stream: bool = True) -> Failover:
-        """The request as failover sends it: a stream asks for token ids, and the seed is fixed (a session's call
-        is sent as is and not repeated)."""
-        if request.session_id:
+    def prepare(cls, request: pb.GenerateRequest, stream: bool = True, enabled: bool = True) -> Failover:
+        """The request as failover sends it: a stream asks for token ids, and the seed is fixed. Without failover
+        (or for a session's call, which is not repeated) the request is sent as the caller made it."""
+        if not enabled or request.session_id:
             return cls(request, enabled=False)
+        asked = request.return_token_ids
         request = pb.GenerateRequest.FromString(request.SerializeToString())  # the caller's request is not changed
-        request.return_token_ids = request.return_token_ids or stream
+        request.return_token_ids = asked or stream
         if not request.HasField("seed") and not request.snapshot:
             request.seed = secrets.randbits(64)
-        return cls(request)
+        return cls(request, asked_ids=asked)
 
-    def seen(self, msg: Any) -> None:
-        """Record a delivered message (a GenerateStreamResponse)."""
+    def timeout(self, timeout: float | None) -> float | None:
+        """The next call's timeout: what is left of ``timeout``, counted from the first call."""
+        if timeout is None or not self.enabled:
+            return timeout
+        now = time.monotonic()
+        if self.deadline is None:
+            self.deadline = now + timeout
+        return max(0.0, self.deadline - now)
+
+    def receive(self, msg: Any) -> tuple[Any | None, bool]:
+        """Record a received GenerateStreamResponse. Returns what the caller gets of it (None: nothing it asked
+        for) and whether the stream is cut (its replica cancelled it: resume it, ``SHUT_DOWN``)."""
+        if not self.enabled:
+            return msg, False
         self.token_ids.extend(msg.token_ids)
         self.text_chars += len(msg.text)
         if msg.model_version:
             self.model_version = msg.model_version
+        cut = self.cut_short(msg)
+        if cut:
+            msg.ClearField("complete")
+        if not self.asked_ids:
+            msg.ClearField("token_ids")
+            msg.ClearField("model_version")
+        return (msg if msg.ByteSize() else None), cut
+
+    def cut_short(self, reply: Any) -> bool:
+        """Whether a final message (or a unary reply) says the replica cancelled the generation, shutting down."""
+        return self.enabled and reply.complete.finish_reason == pb.FINISH_REASON_CANCELLED
 
     def next_request(self, exc: BaseException) -> tuple[pb.GenerateRequest, float] | None:
         """The request that resumes the stream after ``exc``, and how long to wait before sending it; None when
@@ -89,6 +126,8 @@ class Failover:
         if self.attempt >= ATTEMPTS:
             return None
         delay = BACKOFF_SECONDS * 2 ** (self.attempt - 1) if self.attempt else 0.0
+        if self.deadline is not None:  # no wait past the deadline (the call then fails with DEADLINE_EXCEEDED)
+            delay = min(delay, max(0.0, self.deadline - time.monotonic()))
         self.attempt += 1
         request = pb.GenerateRequest.FromString(self.request.SerializeToString())
         request.resume.CopyFrom(
