@@ -268,7 +268,7 @@ class App:
     async def _replay(
         self, spec: resume.ResumeSpec, engine: Engine, prompt_feed: np.ndarray, stops: list[str], max_tokens: int
     ) -> resume.Replay:
-        tokens = resume.check(spec, engine.model, max_tokens)
+        tokens = resume.check(spec, engine.model, max_tokens, engine.resume_refusal)
         args = (spec, tokens, engine.output.text, stops, max_tokens, int(prompt_feed[-1]))
         if tokens.size <= _INLINE_REPLAY_TOKENS:
             return resume.replay(*args)

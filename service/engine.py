@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from service import resume
 from service.logprobs import token_logprobs
 from service.models import ServedModel
 from service.observer import EngineObserver
@@ -51,6 +52,9 @@ class Engine:
             min(settings.max_stream_interval, settings.stream_buffer_tokens),
         )
         self._thread = threading.Thread(target=self._run, name=f"engine-{model.name}", daemon=True)
+        self.resume_refusal = resume.replay_refusal(model)  # why resumed streams would not be exact here, if so
+        if self.resume_refusal:
+            log.warning("model %s: resumes are refused (not exact here: %s)", model.name, self.resume_refusal)
 
     # -- called from the transport --------------------------------------------------------------------------
     def start(self) -> None:

@@ -68,11 +68,12 @@ class OutputProcessor:
         wake = self.wakes.add
         for i, (seq, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             seq.context.seen[token] = True
-            if seq.generated:
-                gaps.append(now - seq.last_token)
-            else:
+            first = not seq.first_token  # this call's first (a resumed stream has generated tokens before it)
+            if first:
                 seq.first_token = now
                 self.observer.first_token(now - seq.arrived)
+            else:
+                gaps.append(now - seq.last_token)
             seq.last_token = now
             generated = seq.generated = seq.generated + 1
             seq.next_token = token
@@ -94,7 +95,7 @@ class OutputProcessor:
                 done.append((seq, Finish.STOP, stop))
             elif last:
                 done.append((seq, Finish.LENGTH, ""))
-            elif generated == 1 or seq.produced_tokens - seq.consumed_tokens >= interval:  # the first never waits
+            elif first or seq.produced_tokens - seq.consumed_tokens >= interval:  # the first never waits
                 wake(seq)
         self.observer.sampled(len(rows), gaps)
         return done

@@ -13,10 +13,16 @@ What makes it exact is that a sequence's future depends only on what this module
   refused (another model, another request, a client bug), rather than continuing another text.
 
 A stream that had already ended (its last token or a stop was sent, only the final message was lost) resumes
-to its ending at once, with the same final context."""
+to its ending at once, with the same final context.
+
+The received tokens run as a prompt chunk, alone, where the interrupted stream decoded them one a step, batched
+with whatever else ran: the same state only if the replica's kernels compute a row to the same bits either way.
+``replay_refusal`` finds out once, at start-up, on the model's own providers; where they do not, a resume is
+refused rather than continued with another text."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Ids
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +38,7 @@ from textgen.errors import FailedPreconditionError, InvalidInputError
 class ResumeSpec:
     """GenerateRequest.resume as received."""
 
-    token_ids: list[int]
+    token_ids: Ids[int]  # the request's own repeated field: nothing is copied before its length is checked
     text_chars: int = 0
     model_version: str = ""
 
@@ -46,8 +52,50 @@ class Replay:
     ending: tuple[Finish, str] | None  # it had already ended there
 
 
-def check(spec: ResumeSpec, model: ServedModel, max_tokens: int) -> np.ndarray:
-    """The received token ids, validated (cheap checks, before any replay)."""
+# The start-up check's tokens and batch companions: several timesteps and rows, a few milliseconds of graph calls.
+_CHECK_TOKENS = 8
+_CHECK_COMPANIONS = 3
+
+
+def replay_refusal(model: ServedModel) -> str:
+    """Why this replica cannot resume ``model``'s streams exactly ('' when it can): whether a row's state and
+    logits are the same bits decoded alone, decoded beside other rows, run as a prompt chunk alone and beside
+    another chunk. fp32 on the CPU is (measured up to 2 x 650 LSTMs, 256-token chunks, 40 companions); int8 is
+    not (dynamic quantization scales a whole batch, or chunk, at once), nor is fp16 on the CPU (a chunk differs
+    from steps); other providers are checked here, on a pool of their own."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, model.vocab_size, _CHECK_TOKENS)
+    zero = model.zero_state(1)
+    pool = model.batch_state(4 + 1 + _CHECK_COMPANIONS)  # the four rows compared, and their companions
+    chunk, chunk_beside, step, step_beside = (pool.acquire(zero) for _ in range(4))
+    noise = [pool.acquire(tuple(rng.standard_normal(s.shape, np.float32) for s in zero)) for _ in range(4)]
+    last = np.array([tokens.size - 1])
+    logits = {chunk: np.array(pool.run(tokens[None], last, np.array([chunk]))[0, -1])}
+    pair = np.stack([tokens, rng.integers(0, model.vocab_size, tokens.size)])
+    logits[chunk_beside] = np.array(pool.run(pair, last, np.array([chunk_beside, noise[0]]))[0, -1])
+    for i, token in enumerate(tokens.tolist()):
+        logits[step] = np.array(pool.decode(np.array([token]), np.array([step]))[0])  # copied: buffers are reused
+        k = 1 + i % _CHECK_COMPANIONS
+        others = rng.integers(0, model.vocab_size, k)
+        beside = pool.decode(np.array([token, *others]), np.array([step_beside, *noise[1 : k + 1]]))
+        logits[step_beside] = np.array(beside[0])
+    states = {slot: pool.take([slot]) for slot in logits}
+
+    def same(x: int, y: int) -> bool:
+        pairs = [(logits[x], logits[y]), *zip(states[x], states[y], strict=True)]
+        return all(np.array_equal(u, v) for u, v in pairs)
+
+    if not same(step, step_beside):
+        return "a decode step's output depends on the rows batched with it"
+    if not same(chunk, chunk_beside):
+        return "a prompt's output depends on the prompts batched with it"
+    if not same(chunk, step):
+        return "a prompt chunk and the same tokens decoded one a step give different bits"
+    return ""
+
+
+def check(spec: ResumeSpec, model: ServedModel, max_tokens: int, refusal: str = "") -> np.ndarray:
+    """The received token ids, validated (cheap checks, before any replay). ``refusal``: ``replay_refusal``'s."""
     if spec.model_version and spec.model_version != model.version:
         raise FailedPreconditionError(
             f"resume.model_version: the interrupted stream ran {model.name} version {spec.model_version}; this "
@@ -56,6 +104,11 @@ def check(spec: ResumeSpec, model: ServedModel, max_tokens: int) -> np.ndarray:
     k = len(spec.token_ids)
     if k > max_tokens:
         raise InvalidInputError(f"resume.token_ids: {k} tokens exceed the request's max_tokens ({max_tokens})")
+    if refusal and k:  # (with nothing received, a resume is a new start, which is exact)
+        raise FailedPreconditionError(
+            f"resume: {model.name} ({model.bundle.manifest.graph.precision} on {', '.join(model.bundle.providers)})"
+            f" cannot continue a stream exactly on this replica: {refusal}"
+        )
     tokens = np.asarray(spec.token_ids, dtype=np.int64)
     if k and int(tokens.max()) >= model.vocab_size:
         i = int(np.argmax(tokens >= model.vocab_size))

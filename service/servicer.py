@@ -128,7 +128,7 @@ def _spec(r: pb.GenerateRequest, principal: str = "") -> GenerateSpec:
         return_snapshot=r.return_snapshot,
         return_token_ids=r.return_token_ids,
         resume=(
-            ResumeSpec(list(r.resume.token_ids), r.resume.text_chars, r.resume.model_version)
+            ResumeSpec(r.resume.token_ids, r.resume.text_chars, r.resume.model_version)
             if r.HasField("resume")
             else None
         ),

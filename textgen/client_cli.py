@@ -26,7 +26,12 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ca", type=Path, help="CA certificate to trust (PEM; default: the system's); implies --tls")
     g.add_argument("--cert", type=Path, help="client certificate for mutual TLS (PEM); implies --tls")
     g.add_argument("--key", type=Path, help="client private key for mutual TLS (PEM)")
-    g.add_argument("--timeout", type=float, default=None, help="deadline per call in seconds (default: none)")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="deadline per call in seconds; with --failover, for the whole generation (default: none)",
+    )
     g.add_argument(
         "--failover",
         action="store_true",
