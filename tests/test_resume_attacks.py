@@ -162,6 +162,43 @@ def test_hostile_resumes_are_refused_cheaply_and_an_empty_one_is_a_new_start(ser
     wait_until(lambda: live.engine.idle, "nothing was queued")
 
 
+def test_a_resumed_stream_pauses_for_its_reader_and_ends_on_cancel_or_deadline(serve: Callable[..., Live]) -> None:
+    """A resumed stream is a stream like any other once it has rejoined the batch: paused while its reader lags
+    (and exact when read on), and cancelled or past its deadline it frees its slot."""
+    live = serve(stream_buffer_tokens=8)
+    fields: dict[str, Any] = {"max_tokens": 600, "seed": 6, "temperature": 1.0}
+    full = stream_messages(live, **fields)
+    resume = resume_from(full[:3])
+    call = live.stream(PROMPT, small_window=True, resume=resume, return_token_ids=True, **fields)
+    rest = [next(call)]
+    wait_until(lambda: live.engine.paused == 1, "the resumed stream is paused for its reader")
+    rest += list(call)
+    assert "".join(m.text for m in full[:3] + rest) == "".join(m.text for m in full)
+    call = live.stream(PROMPT, small_window=True, resume=resume, **fields)
+    next(call)
+    call.cancel()
+    wait_until(lambda: live.engine.idle, "the cancelled stream's slot is free")
+    gate = live.gate()  # held in the resumed stream's prompt until its deadline has passed
+    call = live.stream(PROMPT, timeout=1.0, resume=resume, **fields)
+    gate.wait_entered()
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    gate.release()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: live.engine.idle, "the expired stream's slot is free")
+
+
+def test_failover_keeps_a_snapshot_s_generator(serve: Callable[..., Live]) -> None:
+    """A snapshot carries its generator: failover fixes no seed for it (the stream goes on from the snapshot's)."""
+    live = serve()
+    snapshot = live.generate(PROMPT, max_tokens=5, seed=9, return_snapshot=True).complete.snapshot
+    with Client(f"127.0.0.1:{live.server.port}", timeout=CALL_TIMEOUT, failover=True) as client:
+        streamed = list(client.stream("", snapshot=snapshot, max_tokens=20, temperature=1.0))
+        reply = client.generate("", snapshot=snapshot, max_tokens=20, temperature=1.0)
+    assert streamed[-1].complete.seed == reply.complete.seed == 9
+    assert "".join(m.text for m in streamed) == reply.text == live.generate("", snapshot=snapshot, max_tokens=20).text
+
+
 def test_a_resumed_stream_times_its_first_new_token(serve: Callable[..., Live]) -> None:
     """The first token a resumed call samples is its client's first token: it is timed (and, as every stream's
     first token, sent at once). Before, a resumed stream reported no first-token time."""
