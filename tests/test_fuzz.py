@@ -53,6 +53,8 @@ def _strategy(field: FieldDescriptor, names: dict[str, st.SearchStrategy[Any]]) 
         one = st.booleans()
     elif kind == FieldDescriptor.TYPE_BYTES:
         one = st.binary(max_size=600)
+    elif kind == FieldDescriptor.TYPE_MESSAGE:  # e.g. GenerateRequest.resume
+        one = _message(field.message_type, names)
     else:
         one = _text
     return st.lists(one, max_size=20) if field.is_repeated else one
@@ -66,7 +68,7 @@ def _message(desc: Descriptor, names: dict[str, st.SearchStrategy[Any]]) -> st.S
 
 
 def _names_a_field(details: str, desc: Descriptor) -> bool:
-    first = re.split(r"[:\s,\[]", details, maxsplit=1)[0]
+    first = re.split(r"[:\s,\[.]", details, maxsplit=1)[0]  # "resume.token_ids[3]: ..." names resume
     return first in {f.name for f in desc.fields} | {"x-textgen-principal"}
 
 
