@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service import resume
+from service import resume, validation
 from service.context import Context
 from service.engine import Engine
 from service.metrics import Metrics
@@ -24,7 +23,6 @@ from service.sessions import Session, SessionStore
 from service.settings import ServerSettings
 from service.snapshots import SnapshotCodec
 from textgen.errors import CancelledError, FailedPreconditionError, InvalidInputError, TextgenError
-from textgen.sampling import SamplingParams
 
 log = logging.getLogger("textgen.app")
 
@@ -97,14 +95,6 @@ class ScoreResult:
         return float(-self.logprobs.mean(dtype=np.float64)) if self.logprobs.size else 0.0
 
 
-def _finite(name: str, value: float | None, default: float) -> float:
-    if value is None:
-        return default
-    if not math.isfinite(value):
-        raise InvalidInputError(f"{name} must be a finite number (got {value})")
-    return float(value)
-
-
 class App:
     def __init__(self, settings: ServerSettings, registry: ModelRegistry, metrics: Metrics | None = None):
         self.settings = settings
@@ -154,36 +144,6 @@ class App:
             return "unknown"
 
     # -- generation -----------------------------------------------------------------------------------------
-    def _params(self, spec: GenerateSpec) -> SamplingParams:
-        return SamplingParams(
-            temperature=_finite("temperature", spec.temperature, 1.0),
-            top_k=spec.top_k,
-            top_p=_finite("top_p", spec.top_p, 1.0),
-            repetition_penalty=_finite("repetition_penalty", spec.repetition_penalty, 1.0),
-        )
-
-    def _max_tokens(self, requested: int) -> int:
-        if requested == 0:
-            return self.settings.default_max_tokens
-        if requested > self.settings.max_tokens_limit:
-            raise InvalidInputError(
-                f"max_tokens: {requested} exceeds this server's maximum of {self.settings.max_tokens_limit}"
-            )
-        return requested
-
-    def _stops(self, stops: list[str]) -> list[str]:
-        s = self.settings
-        if len(stops) > s.max_stop_sequences:
-            raise InvalidInputError(
-                f"stop: {len(stops)} strings exceed this server's maximum of {s.max_stop_sequences}"
-            )
-        for i, stop in enumerate(stops):
-            if not stop:
-                raise InvalidInputError(f"stop[{i}]: empty string")
-            if len(stop) > s.max_stop_chars:
-                raise InvalidInputError(f"stop[{i}]: {len(stop)} characters exceed the maximum of {s.max_stop_chars}")
-        return list(stops)
-
     async def _encode(self, model: ServedModel, text: str, field_name: str) -> np.ndarray:
         """``text``'s token ids within the prompt limit (checked before encoding where the length allows it)."""
         limit = self.settings.max_prompt_tokens
@@ -223,9 +183,9 @@ class App:
         time_remaining: float | None = None,
     ) -> Generation:
         """Validate ``spec`` and queue its sequence; every validation error names its field."""
-        params = self._params(spec)
-        max_tokens = self._max_tokens(spec.max_tokens)
-        stops = self._stops(spec.stop)
+        params = validation.sampling_params(spec)
+        max_tokens = validation.max_tokens(self.settings, spec.max_tokens)
+        stops = validation.stop_strings(self.settings, spec.stop)
         if spec.resume is not None and spec.session_id:
             raise InvalidInputError(
                 "resume: a session's stream cannot be resumed (the session lives on the replica that holds it); "

@@ -16,12 +16,11 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc._cython import cygrpc
 
-from service.app import App, GenerateSpec, Outcome
+from service.app import App
+from service.messages import UNKNOWN_POLICY, completion_of, logprobs_of, model_info, spec_of
 from service.metrics import Call
-from service.models import ServedModel
 from service.principals import principal_of
-from service.resume import ResumeSpec
-from service.sequence import Delta, Finish, Result
+from service.sequence import Result
 from service.write_guard import WriteGuard
 from textgen.errors import (
     CancelledError,
@@ -37,12 +36,6 @@ from textgen.v1 import textgen_pb2_grpc as pb_grpc
 
 log = logging.getLogger("textgen.grpc")
 
-_FINISH = {
-    Finish.LENGTH: pb.FINISH_REASON_LENGTH,
-    Finish.STOP: pb.FINISH_REASON_STOP,
-    Finish.CANCELLED: pb.FINISH_REASON_CANCELLED,
-    Finish.SLOW_READER: pb.FINISH_REASON_SLOW_READER,
-}
 
 T = TypeVar("T")
 
@@ -109,83 +102,6 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
                 yield item
 
     return stream
-
-
-def _spec(r: pb.GenerateRequest, principal: str = "") -> GenerateSpec:
-    return GenerateSpec(
-        model=r.model,
-        prompt=r.prompt,
-        max_tokens=r.max_tokens,
-        temperature=r.temperature if r.HasField("temperature") else None,
-        top_k=r.top_k,
-        top_p=r.top_p if r.HasField("top_p") else None,
-        repetition_penalty=r.repetition_penalty if r.HasField("repetition_penalty") else None,
-        seed=r.seed if r.HasField("seed") else None,
-        stop=list(r.stop),
-        logprobs=r.logprobs,
-        session_id=r.session_id,
-        snapshot=r.snapshot,
-        return_snapshot=r.return_snapshot,
-        return_token_ids=r.return_token_ids,
-        resume=(
-            ResumeSpec(r.resume.token_ids, r.resume.text_chars, r.resume.model_version)
-            if r.HasField("resume")
-            else None
-        ),
-        principal=principal,
-    )
-
-
-def _logprobs(deltas: list[Delta]) -> list[pb.TokenLogprob]:
-    return [pb.TokenLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob) for d in deltas for t in d.logprobs]
-
-
-def _completion(model: ServedModel, outcome: Outcome) -> pb.Completion:
-    r = outcome.result
-    return pb.Completion(
-        finish_reason=_FINISH.get(r.finish, pb.FINISH_REASON_UNSPECIFIED) if r.finish else pb.FINISH_REASON_UNSPECIFIED,
-        prompt_tokens=r.prompt_tokens,
-        generated_tokens=r.generated_tokens,
-        seed=r.seed,
-        model=model.name,
-        model_version=model.version,
-        timings=pb.Timings(
-            queue_seconds=r.queue_seconds,
-            prompt_seconds=r.prompt_seconds,
-            first_token_seconds=r.first_token_seconds,
-            total_seconds=r.total_seconds,
-        ),
-        stop=r.stop,
-        snapshot=outcome.snapshot,
-        session_id=outcome.session_id,
-    )
-
-
-def model_info(model: ServedModel, unknown_policy_text: dict[str, str]) -> pb.ModelInfo:
-    m = model.bundle.manifest
-    return pb.ModelInfo(
-        name=m.name,
-        version=m.version,
-        cell=m.model.cell,
-        num_layers=m.model.num_layers,
-        hidden_size=m.model.hidden_size,
-        vocab_size=m.model.vocab_size,
-        level=m.tokenizer.level,
-        precision=m.graph.precision,
-        execution_providers=model.bundle.providers,
-        state_bytes=model.state_bytes,
-        val_loss=m.provenance.val_loss or 0.0,
-        training_data=m.provenance.data,
-        training_steps=m.provenance.steps,
-        unknown_token_policy=unknown_policy_text[model.unknown_policy],
-        manifest_json=m.model_dump_json(),
-    )
-
-
-_UNKNOWN_POLICY = {
-    "map": "characters or words outside the vocabulary become <unk>",
-    "reject": "characters or words outside the vocabulary are rejected with INVALID_ARGUMENT",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +188,7 @@ class Servicer(pb_grpc.TextGenerationServicer):
         """Yield (generation, deltas, outcome-or-None) for a generate call. The caller commits the outcome once
         its final message is delivered; however the call ends, the generation is settled here."""
         gen = await self.app.start_generation(
-            _spec(request, self._principal(context)), asyncio.get_running_loop(), context.time_remaining()
+            spec_of(request, self._principal(context)), asyncio.get_running_loop(), context.time_remaining()
         )
         try:
             async for deltas, result in self.app.follow(gen):
@@ -290,14 +206,14 @@ class Servicer(pb_grpc.TextGenerationServicer):
         async for gen, deltas, outcome in self._run(request, context):
             parts.extend(d.text for d in deltas)
             if request.logprobs:
-                logprobs.extend(_logprobs(deltas))
+                logprobs.extend(logprobs_of(deltas))
             if request.return_token_ids:
                 token_ids.extend(d.token for d in deltas)
             if outcome is not None:
                 reply = pb.GenerateResponse(
                     text="".join(parts),
                     logprobs=logprobs,
-                    complete=_completion(gen.model, outcome),
+                    complete=completion_of(gen.model, outcome),
                     token_ids=token_ids,
                 )
                 # No await between here and the return: a cancel can no longer reach this call, and the reply is
@@ -316,13 +232,13 @@ class Servicer(pb_grpc.TextGenerationServicer):
         async for gen, deltas, outcome in self._run(request, context):
             msg = pb.GenerateStreamResponse(text="".join(d.text for d in deltas))
             if request.logprobs:
-                msg.logprobs.extend(_logprobs(deltas))
+                msg.logprobs.extend(logprobs_of(deltas))
             if request.return_token_ids:
                 msg.token_ids.extend(d.token for d in deltas)
                 if first:
                     msg.model_version, first = gen.model.version, False
             if outcome is not None:
-                msg.complete.CopyFrom(_completion(gen.model, outcome))
+                msg.complete.CopyFrom(completion_of(gen.model, outcome))
             await self._write(context, msg)
             if outcome is not None:
                 self.app.commit(gen)  # the transport took the final message
@@ -358,11 +274,11 @@ class Servicer(pb_grpc.TextGenerationServicer):
 
     @_rpc
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ListModelsResponse(models=[model_info(m, _UNKNOWN_POLICY) for m in self.app.registry])
+        return pb.ListModelsResponse(models=[model_info(m, UNKNOWN_POLICY) for m in self.app.registry])
 
     @_rpc
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return model_info(self.app.registry.get(request.model), _UNKNOWN_POLICY)
+        return model_info(self.app.registry.get(request.model), UNKNOWN_POLICY)
 
     def _session_info(self, session: Any) -> pb.SessionInfo:
         ctx = session.context

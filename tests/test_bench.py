@@ -7,7 +7,7 @@ import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pytest
@@ -60,17 +60,17 @@ def test_the_raw_loops_sample_each_row_as_the_server_samples_its_stream(
     very tokens the server streams to the clients, so they do the same work."""
     from bench import baselines
     from bench.load import requests, row_params
-    from service.app import App
     from service.bundle import load_bundle
+    from service.messages import spec_of
     from service.models import ModelRegistry
-    from service.servicer import _spec
     from service.settings import load_settings
+    from service.validation import sampling_params
     from textgen.sampling import new_rng
     from textgen.v1 import textgen_pb2 as pb
 
     streams, steps = 6, 12
     sent = [pb.GenerateRequest.FromString(r.SerializeToString()) for r in requests("mix", streams, steps)]
-    server_params = [App._params(cast(Any, None), _spec(r)) for r in sent]
+    server_params = [sampling_params(spec_of(r)) for r in sent]
     assert [r.seed for r in sent] == list(range(streams))
     assert len(set(server_params)) == 4 and server_params[4:] == server_params[:2]  # stream i: setting i % 4
     assert row_params("mix", streams) == server_params
