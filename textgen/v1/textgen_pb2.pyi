@@ -15,15 +15,38 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_END_OF_TEXT: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
     FINISH_REASON_SLOW_READER: _ClassVar[FinishReason]
+
+class PredictUnit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PREDICT_UNIT_UNSPECIFIED: _ClassVar[PredictUnit]
+    PREDICT_UNIT_TOKEN: _ClassVar[PredictUnit]
+    PREDICT_UNIT_WORD: _ClassVar[PredictUnit]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_END_OF_TEXT: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
 FINISH_REASON_SLOW_READER: FinishReason
+PREDICT_UNIT_UNSPECIFIED: PredictUnit
+PREDICT_UNIT_TOKEN: PredictUnit
+PREDICT_UNIT_WORD: PredictUnit
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "logprobs", "session_id", "snapshot", "return_snapshot", "return_token_ids", "resume")
+    __slots__ = ("model", "prompt", "max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "logprobs", "session_id", "snapshot", "return_snapshot", "return_token_ids", "resume", "min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logit_bias_text", "allowed_token_ids", "banned_token_ids", "stop_token_ids", "top_logprobs")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    class LogitBiasTextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +62,15 @@ class GenerateRequest(_message.Message):
     RETURN_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_TEXT_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    BANNED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     max_tokens: int
@@ -54,7 +86,16 @@ class GenerateRequest(_message.Message):
     return_snapshot: bool
     return_token_ids: bool
     resume: Resume
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[bool] = ..., session_id: _Optional[str] = ..., snapshot: _Optional[bytes] = ..., return_snapshot: _Optional[bool] = ..., return_token_ids: _Optional[bool] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ...) -> None: ...
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: _containers.ScalarMap[int, float]
+    logit_bias_text: _containers.ScalarMap[str, float]
+    allowed_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    banned_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: int
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[bool] = ..., session_id: _Optional[str] = ..., snapshot: _Optional[bytes] = ..., return_snapshot: _Optional[bool] = ..., return_token_ids: _Optional[bool] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., logit_bias_text: _Optional[_Mapping[str, float]] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., banned_token_ids: _Optional[_Iterable[int]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class Resume(_message.Message):
     __slots__ = ("token_ids", "text_chars", "model_version")
@@ -67,6 +108,18 @@ class Resume(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text_chars: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
+    __slots__ = ("token_id", "token", "logprob", "top_logprobs")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    token: str
+    logprob: float
+    top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprob]
+    def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
+
+class TopLogprob(_message.Message):
     __slots__ = ("token_id", "token", "logprob")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -89,7 +142,7 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., prompt_seconds: _Optional[float] = ..., first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class Completion(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "generated_tokens", "seed", "model", "model_version", "timings", "stop", "snapshot", "session_id")
+    __slots__ = ("finish_reason", "prompt_tokens", "generated_tokens", "seed", "model", "model_version", "timings", "stop", "snapshot", "session_id", "stop_token_id")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +153,7 @@ class Completion(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     prompt_tokens: int
     generated_tokens: int
@@ -110,7 +164,8 @@ class Completion(_message.Message):
     stop: str
     snapshot: bytes
     session_id: str
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., stop: _Optional[str] = ..., snapshot: _Optional[bytes] = ..., session_id: _Optional[str] = ...) -> None: ...
+    stop_token_id: int
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., stop: _Optional[str] = ..., snapshot: _Optional[bytes] = ..., session_id: _Optional[str] = ..., stop_token_id: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "logprobs", "complete", "token_ids")
@@ -299,3 +354,47 @@ class SignedSnapshot(_message.Message):
     payload: bytes
     mac: bytes
     def __init__(self, payload: _Optional[bytes] = ..., mac: _Optional[bytes] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("model", "text", "session_id", "snapshot", "num_predictions", "unit", "return_snapshot", "max_word_chars")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    RETURN_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORD_CHARS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    text: str
+    session_id: str
+    snapshot: bytes
+    num_predictions: int
+    unit: PredictUnit
+    return_snapshot: bool
+    max_word_chars: int
+    def __init__(self, model: _Optional[str] = ..., text: _Optional[str] = ..., session_id: _Optional[str] = ..., snapshot: _Optional[bytes] = ..., num_predictions: _Optional[int] = ..., unit: _Optional[_Union[PredictUnit, str]] = ..., return_snapshot: _Optional[bool] = ..., max_word_chars: _Optional[int] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("text", "token_ids", "logprob")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logprob: float
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprob: _Optional[float] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("predictions", "snapshot", "model", "model_version", "context_tokens")
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    snapshot: bytes
+    model: str
+    model_version: str
+    context_tokens: int
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., snapshot: _Optional[bytes] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., context_tokens: _Optional[int] = ...) -> None: ...

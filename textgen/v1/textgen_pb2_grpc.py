@@ -74,6 +74,11 @@ class TextGenerationStub:
                 request_serializer=textgen_dot_v1_dot_textgen__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=textgen_dot_v1_dot_textgen__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.Predict = channel.unary_unary(
+                '/textgen.v1.TextGeneration/Predict',
+                request_serializer=textgen_dot_v1_dot_textgen__pb2.PredictRequest.SerializeToString,
+                response_deserializer=textgen_dot_v1_dot_textgen__pb2.PredictResponse.FromString,
+                _registered_method=True)
 
 
 class TextGenerationServicer:
@@ -135,6 +140,15 @@ class TextGenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Predict(self, request, context):
+        """The N most likely continuations of a context, with probabilities: the next tokens (a word model's next words)
+        or, for a character model, the next words (a beam search over characters up to a word boundary). Optionally
+        the state after the context, so a keyboard can feed its keystrokes incrementally.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TextGenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +191,11 @@ def add_TextGenerationServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=textgen_dot_v1_dot_textgen__pb2.CloseSessionRequest.FromString,
                     response_serializer=textgen_dot_v1_dot_textgen__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'Predict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Predict,
+                    request_deserializer=textgen_dot_v1_dot_textgen__pb2.PredictRequest.FromString,
+                    response_serializer=textgen_dot_v1_dot_textgen__pb2.PredictResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +414,33 @@ class TextGeneration:
             '/textgen.v1.TextGeneration/CloseSession',
             textgen_dot_v1_dot_textgen__pb2.CloseSessionRequest.SerializeToString,
             textgen_dot_v1_dot_textgen__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Predict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/textgen.v1.TextGeneration/Predict',
+            textgen_dot_v1_dot_textgen__pb2.PredictRequest.SerializeToString,
+            textgen_dot_v1_dot_textgen__pb2.PredictResponse.FromString,
             options,
             channel_credentials,
             insecure,
