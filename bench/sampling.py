@@ -20,16 +20,20 @@ from textgen.sampling import SamplingParams, new_rng, sample_batch
 TINY = float(np.finfo(np.float32).tiny)  # the least temperature or penalty, as the rule says
 
 
-def reference_probabilities(logits: np.ndarray, params: SamplingParams, seen: np.ndarray | None = None) -> np.ndarray:
-    """Steps 1 and 3 to 6 of the rule for one sampled row: the unnormalised probabilities the pick reads."""
+def reference_probabilities(
+    logits: np.ndarray, params: SamplingParams, seen: np.ndarray | None = None, counts: np.ndarray | None = None
+) -> np.ndarray:
+    """Steps 1 to 4 and 6 to 10 of the rule for one sampled row: the unnormalised probabilities the pick reads."""
     with np.errstate(over="ignore"):  # extreme parameters may overflow logits to +-inf, as the rule provides for
-        x = _penalised(logits, params, seen)
+        x = _penalised(logits, params, seen, counts)
         vocab = x.size
         if params.temperature != 1.0:
             x = x / np.float32(max(params.temperature, TINY))
         peak = x.max()
         if not np.isfinite(peak):
             x = np.where(x == peak, np.float32(0), np.float32(-np.inf))
+            for i in _excluded(params, vocab):
+                x[i] = -np.inf
             peak = np.float32(0)
         if 0 < params.top_k < vocab:
             kth = np.sort(x)[vocab - params.top_k]
@@ -45,6 +49,8 @@ def reference_probabilities(logits: np.ndarray, params: SamplingParams, seen: np
                 if mass >= goal:
                     break
             p = np.where(keep, p, np.float32(0))
+        if params.min_p > 0.0:
+            p = np.where(p < np.float32(params.min_p), np.float32(0), p)
         return p
 
 
@@ -71,23 +77,51 @@ def reference_pick(p: np.ndarray, u: float) -> int:
 
 
 def reference_token(
-    logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen: np.ndarray | None = None
+    logits: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    seen: np.ndarray | None = None,
+    counts: np.ndarray | None = None,
 ) -> int:
     """One row, step by step as textgen/sampling.py's docstring states the rule: full sorts, simple loops."""
-    if params.temperature == 0.0:
-        return int(np.argmax(_penalised(logits, params, seen)))  # step 2: no random number
-    return reference_pick(reference_probabilities(logits, params, seen), rng.random())
+    if params.temperature == 0.0:  # step 5: no random number
+        x = _penalised(logits, params, seen, counts)
+        excluded = set(_excluded(params, x.size))
+        if excluded and all(x[i] == -np.inf for i in range(x.size) if i not in excluded):
+            return min(i for i in range(x.size) if i not in excluded)
+        return int(np.argmax(x))
+    return reference_pick(reference_probabilities(logits, params, seen, counts), rng.random())
 
 
-def _penalised(logits: np.ndarray, params: SamplingParams, seen: np.ndarray | None) -> np.ndarray:
-    """Step 1: float32 logits with the repetition penalty applied to the seen tokens."""
+def _penalised(
+    logits: np.ndarray, params: SamplingParams, seen: np.ndarray | None, counts: np.ndarray | None = None
+) -> np.ndarray:
+    """Steps 1 to 4: float32 logits with the repetition penalty applied to the seen tokens, the presence and
+    frequency penalties to the generated ones, the biases added and the excluded tokens at -inf."""
     x = np.array(logits, dtype=np.float32)
-    if seen is not None and params.repetition_penalty != 1.0:
-        penalty = np.float32(max(params.repetition_penalty, TINY))
-        with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):
+        if seen is not None and params.repetition_penalty != 1.0:
+            penalty = np.float32(max(params.repetition_penalty, TINY))
             for i in np.flatnonzero(seen):
                 x[i] = x[i] / penalty if x[i] > 0 else x[i] * penalty
+        if params.presence_penalty or params.frequency_penalty:
+            assert counts is not None
+            for i in np.flatnonzero(counts):
+                c = np.float32(counts[i])
+                x[i] = x[i] - (c * np.float32(params.frequency_penalty) + np.float32(params.presence_penalty))
+        for i, bias in params.logit_bias:
+            x[i] = x[i] + np.float32(bias)
+        for i in _excluded(params, x.size):
+            x[i] = -np.inf
     return x
+
+
+def _excluded(params: SamplingParams, vocab: int) -> list[int]:
+    """Step 4's excluded tokens: the banned ones, and those outside the allowed list when there is one."""
+    if not (params.allowed_token_ids or params.banned_token_ids):
+        return []
+    allowed, banned = set(params.allowed_token_ids) or set(range(vocab)), set(params.banned_token_ids)
+    return [i for i in range(vocab) if i not in allowed or i in banned]
 
 
 def _running(p: np.ndarray) -> list[np.float32]:
@@ -104,10 +138,16 @@ def reference_batch(
     params: Sequence[SamplingParams],
     rngs: Sequence[np.random.Generator],
     seen: np.ndarray | Sequence[np.ndarray] | None = None,
+    counts: np.ndarray | Sequence[np.ndarray | None] | None = None,
 ) -> np.ndarray:
     """``sample_batch``'s contract, one row at a time."""
     return np.array(
-        [reference_token(logits[i], params[i], rngs[i], None if seen is None else seen[i]) for i in range(len(params))],
+        [
+            reference_token(
+                logits[i], params[i], rngs[i], None if seen is None else seen[i], None if counts is None else counts[i]
+            )
+            for i in range(len(params))
+        ],
         dtype=np.int64,
     )
 
@@ -119,6 +159,19 @@ SETTINGS = {
     "repetition 1.3": SamplingParams(repetition_penalty=1.3),
 }
 SHAPES = ((1, 96), (64, 96), (1, 10_000), (64, 10_000))
+
+
+def control_settings(vocab: int) -> dict[str, SamplingParams]:
+    """The logit controls and min_p, each alone (their cost beside ``temperature 1``): a bias on the server's
+    limit of 300 tokens (every token at 96), half the vocabulary allowed, 50 tokens banned."""
+    ids = np.random.default_rng(2).permutation(vocab)
+    return {
+        "min_p 0.05": SamplingParams(min_p=0.05),
+        "presence+freq": SamplingParams(presence_penalty=0.5, frequency_penalty=0.5),
+        "logit_bias 300": SamplingParams(logit_bias=tuple((int(t), 1.0) for t in ids[:300])),
+        "allowed half": SamplingParams(allowed_token_ids=tuple(ids[: vocab // 2].tolist())),
+        "banned 50": SamplingParams(banned_token_ids=tuple(ids[:50].tolist())),
+    }
 
 
 def bench_logits(batch: int, vocab: int, kind: str, seed: int = 0) -> np.ndarray:
@@ -133,13 +186,18 @@ def bench_logits(batch: int, vocab: int, kind: str, seed: int = 0) -> np.ndarray
 
 
 def _time_pair(
-    logits: np.ndarray, params: list[SamplingParams], seen: np.ndarray | None, budget_s: float, min_repeats: int
+    logits: np.ndarray,
+    params: list[SamplingParams],
+    seen: np.ndarray | None,
+    budget_s: float,
+    min_repeats: int,
+    counts: np.ndarray | None = None,
 ) -> tuple[float, float, int]:
     """Median ms of ``reference_batch`` and of ``sample_batch`` on the same inputs, called alternately (after
     one warm-up call each) until ``budget_s`` has passed and each ran at least ``min_repeats`` times."""
     calls = [
-        partial(reference_batch, logits, params, [new_rng(i) for i in range(len(params))], seen),
-        partial(sample_batch, logits, params, [new_rng(i) for i in range(len(params))], seen),
+        partial(reference_batch, logits, params, [new_rng(i) for i in range(len(params))], seen, counts),
+        partial(sample_batch, logits, params, [new_rng(i) for i in range(len(params))], seen, counts),
     ]
     for call in calls:
         call()
@@ -162,11 +220,16 @@ def run_sampling_bench(out: Path, budget_s: float = 0.25, min_repeats: int = 5) 
             logits = bench_logits(batch, vocab, kind)
             mask_rng = np.random.default_rng(1)
             seen = np.zeros((batch, vocab), dtype=bool)
-            for row in seen:  # about 50 seen tokens a row (fewer distinct ones at 96)
+            counts = np.zeros((batch, vocab), dtype=np.float32)
+            for row, row_counts in zip(seen, counts, strict=True):  # about 50 seen (and generated) tokens a row
                 row[mask_rng.integers(0, vocab, 50)] = True
-            for name, params in SETTINGS.items():
+                np.add.at(row_counts, mask_rng.integers(0, vocab, 50), 1)
+            for name, params in {**SETTINGS, **control_settings(vocab)}.items():
                 row_seen = seen if params.repetition_penalty != 1.0 else None
-                ref_ms, new_ms, repeats = _time_pair(logits, [params] * batch, row_seen, budget_s, min_repeats)
+                row_counts = counts if params.penalises else None
+                ref_ms, new_ms, repeats = _time_pair(
+                    logits, [params] * batch, row_seen, budget_s, min_repeats, row_counts
+                )
                 rows.append(
                     {
                         "logits": kind,

@@ -165,10 +165,44 @@ def _logits(rng: np.random.Generator, batch: int, vocab: int, kind: str) -> np.n
     return x
 
 
-def _same(logits: np.ndarray, params: list[SamplingParams], seeds: list[int], seen: np.ndarray | None) -> np.ndarray:
+def _controlled(rng: np.random.Generator, vocab: int) -> SamplingParams:
+    """Random settings of the logit controls (rule steps 2 to 4 and 10), with the other settings too."""
+    ids = rng.permutation(vocab)
+    allowed = tuple(ids[: rng.integers(1, vocab + 1)].tolist()) if rng.random() < 0.4 else ()
+    banned = tuple(rng.choice(vocab, rng.integers(0, vocab), replace=False).tolist()) if rng.random() < 0.5 else ()
+    if allowed and set(allowed) <= set(banned):  # refused: something must stay allowed
+        banned = tuple(t for t in banned if t != allowed[0])
+    bias = rng.uniform(-100, 100, vocab).astype(np.float32)
+    bias[rng.random(vocab) < 0.2] = rng.choice([-100.0, 100.0, 0.0, 1e-3])
+    return SamplingParams(
+        temperature=float(rng.choice([0.0, 0.5, 1.0, 1.7])),
+        top_k=int(rng.choice([0, 1, 5])),
+        top_p=float(rng.choice([1.0, 0.9, 0.3])),
+        repetition_penalty=float(rng.choice([1.0, 1.3])),
+        min_p=float(rng.choice([0.0, 0.05, 0.5, 1.0, 1e-45])),
+        presence_penalty=float(rng.choice([0.0, 0.7, -2.0, 2.0])),
+        frequency_penalty=float(rng.choice([0.0, 0.3, -1.1, 2.0])),
+        logit_bias=tuple((int(t), float(bias[t])) for t in ids[: rng.integers(0, min(vocab, 40) + 1)]),
+        allowed_token_ids=allowed,
+        banned_token_ids=banned,
+    )
+
+
+def _counts(rng: np.random.Generator, batch: int, vocab: int) -> np.ndarray:
+    """Generated-token counts: most tokens never, some a few times."""
+    return (rng.integers(1, 5, (batch, vocab)) * (rng.random((batch, vocab)) < 0.2)).astype(np.float32)
+
+
+def _same(
+    logits: np.ndarray,
+    params: list[SamplingParams],
+    seeds: list[int],
+    seen: np.ndarray | None,
+    counts: np.ndarray | None = None,
+) -> np.ndarray:
     rngs = [new_rng(s) for s in seeds]
-    picked = sample_batch(logits, params, rngs, seen)
-    expected = reference_batch(logits, params, [new_rng(s) for s in seeds], seen)
+    picked = sample_batch(logits, params, rngs, seen, counts)
+    expected = reference_batch(logits, params, [new_rng(s) for s in seeds], seen, counts)
     assert picked.tolist() == expected.tolist()
     for rng, s, sp in zip(rngs, seeds, params, strict=True):  # one draw per sampled row, none per greedy row
         twin = new_rng(s)
@@ -177,7 +211,8 @@ def _same(logits: np.ndarray, params: list[SamplingParams], seeds: list[int], se
         assert rng.bit_generator.state == twin.bit_generator.state
     for i, (sp, token) in enumerate(zip(params, picked.tolist(), strict=True)):  # never a zero-probability token
         if not sp.greedy:
-            assert reference_probabilities(logits[i], sp, None if seen is None else seen[i])[token] > 0
+            row_counts = None if counts is None else counts[i]
+            assert reference_probabilities(logits[i], sp, None if seen is None else seen[i], row_counts)[token] > 0
     return picked
 
 
@@ -195,14 +230,17 @@ def test_sample_batch_follows_the_reference_rule(
 ) -> None:
     rng = np.random.default_rng(seed)
     logits = _logits(rng, batch, vocab, kind)
-    params = [SETTINGS[i] for i in rng.integers(0, len(SETTINGS), batch)]
+    params = [
+        SETTINGS[i] if rng.random() < 0.5 else _controlled(rng, vocab) for i in rng.integers(0, len(SETTINGS), batch)
+    ]
     seen = rng.random((batch, vocab)) < 0.3
+    counts = _counts(rng, batch, vocab)
     seeds = rng.integers(0, 2**63, batch).tolist()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sampling, "BLOCK", block)
         mp.setattr(sampling, "CANDIDATES", candidates)
-        _same(logits, params, seeds, seen)
-        _same(logits, params, seeds, None)
+        _same(logits, params, seeds, seen, counts)
+        _same(logits, params, seeds, None, counts)
 
 
 @pytest.mark.parametrize("vocab", [96, 10_000])
@@ -221,14 +259,15 @@ def test_a_row_draws_the_same_token_alone_or_among_63_others(vocab: int, monkeyp
     monkeypatch.setattr(sampling, "CANDIDATES", 300)
     rng = np.random.default_rng(vocab)
     logits = np.concatenate([_logits(rng, 16, vocab, kind) for kind in ("normal", "ties", "fp16", "peaked")])
-    params = [SETTINGS[i % len(SETTINGS)] for i in range(64)]
+    params = [SETTINGS[i % len(SETTINGS)] if i % 2 else _controlled(rng, vocab) for i in range(64)]
     seen = rng.random((64, vocab)) < 0.05
+    counts = _counts(rng, 64, vocab)
     for step in range(3):
         seeds = [1000 * step + i for i in range(64)]
-        together = _same(logits, params, seeds, seen)
-        alone = [sample_token(logits[i], params[i], new_rng(seeds[i]), seen[i]) for i in range(64)]
+        together = _same(logits, params, seeds, seen, counts)
+        alone = [sample_token(logits[i], params[i], new_rng(seeds[i]), seen[i], counts[i]) for i in range(64)]
         assert together.tolist() == alone
-        logits, seen = np.roll(logits, 1, axis=0), np.roll(seen, 1, axis=0)
+        logits, seen, counts = np.roll(logits, 1, axis=0), np.roll(seen, 1, axis=0), np.roll(counts, 1, axis=0)
 
 
 @pytest.mark.parametrize("vocab", [1, 5, 96, 255, 256, 257, 1000, 8191, 10_000, 50_257])
@@ -352,3 +391,71 @@ def test_the_nucleus_is_the_references_to_the_bit(batch: int, candidates: int, m
             assert np.array_equal(got, reference_probabilities(row, SamplingParams(top_p=top_p)))
         if kind == "normal":
             assert np.count_nonzero(p[0]) == 16
+
+
+# -- the logit controls (rule steps 2 to 4) and min_p (step 10) ----------------------------------------------------
+
+
+def test_banned_tokens_are_never_drawn_and_allowed_ones_are_the_only_ones() -> None:
+    assert 1 not in draws(SamplingParams(banned_token_ids=(1, 5)), 3, 500)
+    assert set(draws(SamplingParams(allowed_token_ids=(0, 3, 4)), 3, 500)) == {0, 3, 4}
+    assert set(draws(SamplingParams(allowed_token_ids=(0, 3, 4), banned_token_ids=(4,)), 3, 300)) == {0, 3}
+    assert sample_token(LOGITS, SamplingParams(temperature=0, banned_token_ids=(1,)), new_rng(0)) == 5
+
+
+def test_a_bias_of_minus_100_bans_and_plus_100_forces() -> None:
+    assert set(draws(SamplingParams(logit_bias=((4, 100.0),)), 1, 200)) == {4}
+    assert 1 not in draws(SamplingParams(logit_bias=((1, -100.0),)), 1, 500)
+    assert sample_token(LOGITS, SamplingParams(temperature=0, logit_bias=((2, 1.5),)), new_rng(0)) == 2
+
+
+def test_min_p_one_keeps_only_the_most_likely_token() -> None:
+    assert set(draws(SamplingParams(min_p=1.0, temperature=2.0), 1, 200)) == {1}
+    # p of token 5 is exp(-0.1) = 0.905 of token 1's: kept at min_p 0.9, dropped at 0.91
+    assert set(draws(SamplingParams(min_p=0.9), 1, 300)) == {1, 5}
+    assert set(draws(SamplingParams(min_p=0.91), 1, 100)) == {1}
+
+
+def test_presence_and_frequency_penalties_act_on_generated_counts() -> None:
+    counts = np.zeros(len(LOGITS), np.float32)
+    counts[1] = 1  # token 1 leads token 5 by 0.1
+    greedy = SamplingParams(temperature=0, presence_penalty=0.2)
+    assert sample_token(LOGITS, greedy, new_rng(0), counts=counts) == 5
+    assert sample_token(LOGITS, SamplingParams(temperature=0, presence_penalty=0.05), new_rng(0), counts=counts) == 1
+    counts[1] = 3  # 3 x 0.05 > 0.1
+    assert sample_token(LOGITS, SamplingParams(temperature=0, frequency_penalty=0.05), new_rng(0), counts=counts) == 5
+    negative = SamplingParams(temperature=0, frequency_penalty=-2.0)  # encourages repeats
+    assert sample_token(np.array([1.0, 0.0], np.float32), negative, new_rng(0), counts=np.array([0.0, 1.0])) == 1
+
+
+def test_a_row_whose_every_allowed_logit_is_minus_infinity_still_draws_an_allowed_token() -> None:
+    row = np.array([0.0, -np.inf, -np.inf, 5.0], np.float32)
+    allowed = (1, 2)
+    assert sample_token(row, SamplingParams(temperature=0, allowed_token_ids=allowed), new_rng(0)) == 1
+    assert set(draws(SamplingParams(allowed_token_ids=allowed), 2, 200, row)) == {1, 2}
+    assert set(draws(SamplingParams(banned_token_ids=(0, 3), top_p=0.5), 2, 200, row)) <= {1, 2}
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_p": float("nan")}, "min_p"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"logit_bias": ((3, 100.5),)}, r"logit_bias\[3\]"),
+        ({"logit_bias": ((3, float("inf")),)}, r"logit_bias\[3\]"),
+        ({"logit_bias": ((3, 1.0), (3, 2.0))}, r"logit_bias\[3\]"),
+        ({"allowed_token_ids": (1, 2), "banned_token_ids": (2, 1, 0)}, "allowed_token_ids"),
+    ],
+)
+def test_out_of_range_controls_name_the_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_ids_beyond_the_vocabulary_name_the_field() -> None:
+    with pytest.raises(InvalidInputError, match=r"logit_bias\[6\]: 6 is not a token"):
+        sample_token(LOGITS, SamplingParams(logit_bias=((6, 1.0),)), new_rng(0))
+    with pytest.raises(InvalidInputError, match=r"banned_token_ids\[1\]: 9 is not a token"):
+        sample_token(LOGITS, SamplingParams(banned_token_ids=(0, 9)), new_rng(0))

@@ -2,19 +2,29 @@
 ONNX Runtime service draw the same token for the same logits and seed.
 
 For one row of logits the rule is, in this order, all in float32 (float16 logits are widened exactly, float64
-ones rounded; temperature, penalty and top_p are rounded to float32, the first two to at least 2^-126; NaN
-logits are not supported):
+ones rounded; every parameter is rounded to float32, temperature and repetition penalty to at least 2^-126; NaN
+logits are not supported). Penalties and biases act on the logits, then temperature, then the filters (top_k,
+top_p, min_p), as in vLLM:
 1. repetition penalty (CTRL, Keskar et al. 2019) on every token already seen in the prompt or the output:
    a positive logit is divided by the penalty, any other multiplied by it;
-2. temperature 0 means greedy: the arg-max (the lowest id among equals), and no random number is drawn;
-3. otherwise the logits are divided by the temperature. If the largest logit is not finite (+inf, or every
-   logit -inf), the tokens equal to it get logit 0 and all others -inf;
-4. ``top_k``: tokens below the k-th largest logit are dropped (ties with the k-th are kept);
-5. ``p = exp(logit - largest logit)``: the largest gets exactly 1, dropped tokens 0;
-6. ``top_p``: the tokens sorted by ``p`` descending (equal ``p``: lower id first) are kept up to and
-   including the first at which their running sum reaches ``top_p * total`` (``total`` as in 7, of the ``p``
-   of step 5); all of them if it never does. The others get ``p = 0``;
-7. the pick: inverse CDF over token-id order with one uniform ``u`` in [0, 1) from the request's own PCG64
+2. presence and frequency penalties (OpenAI) on the tokens this request has generated: a token generated ``c``
+   times (``c`` as float32) gets ``logit - (c * frequency_penalty + presence_penalty)`` when ``c > 0`` (the
+   product and the sum rounded to float32);
+3. ``logit_bias``: the token's bias is added to its logit;
+4. banned tokens, and tokens outside ``allowed_token_ids`` when it is given, are excluded: their logit is -inf,
+   and they stay excluded in every step below;
+5. temperature 0 means greedy: the arg-max (the lowest id among equals; the lowest id not excluded when every
+   other logit is -inf), and no random number is drawn;
+6. otherwise the logits are divided by the temperature. If the largest logit is not finite (+inf, or every
+   logit -inf), the tokens equal to it that are not excluded get logit 0 and all others -inf;
+7. ``top_k``: tokens below the k-th largest logit are dropped (ties with the k-th are kept);
+8. ``p = exp(logit - largest logit)``: the largest gets exactly 1, dropped tokens 0;
+9. ``top_p``: the tokens sorted by ``p`` descending (equal ``p``: lower id first) are kept up to and
+   including the first at which their running sum reaches ``top_p * total`` (``total`` as in 11, of the ``p``
+   of step 8); all of them if it never does. The others get ``p = 0``;
+10. ``min_p``: tokens with ``p < min_p`` get ``p = 0``; as the largest ``p`` is exactly 1, that is min_p times
+   the most likely token's probability (the most likely tokens always stay: min_p 1 keeps only them);
+11. the pick: inverse CDF over token-id order with one uniform ``u`` in [0, 1) from the request's own PCG64
    generator, on two levels. The vocabulary is cut into blocks of BLOCK (256) ids, the last one shorter if
    need be; ``S[b]`` is numpy's sum of block ``b``'s ``p`` (``np.add.reduce``: pairwise, fixed for a given
    length), ``C[b]`` the running sum of ``S`` up to block ``b`` and ``total`` the last ``C``. With
@@ -26,10 +36,10 @@ logits are not supported):
 Running sums are sequential float32 sums; the exponential and the block sums are numpy's float32 routines
 (bit-identical on one machine and numpy build, not necessarily across CPUs or numpy versions). Every step is
 elementwise or confined to one row (``tests/test_sampling.py`` checks the numpy paths taken for one row and for
-many give the same bits), so a row's token depends only on its own logits, parameters and generator: a seeded
-request draws the same token alone or batched with others. Exactly one ``random()`` is drawn per sampled row
-and call. ``bench/sampling.py`` holds a plain per-row implementation of this rule; the tests hold
-``sample_batch`` to it token for token.
+many give the same bits), so a row's token depends only on its own logits, parameters, counts and generator: a
+seeded request draws the same token alone or batched with others. Exactly one ``random()`` is drawn per sampled
+row and call. Steps 2 to 4 and 10 cost only the rows that use them. ``bench/sampling.py`` holds a plain per-row
+implementation of this rule; the tests hold ``sample_batch`` to it token for token.
 """
 
 from __future__ import annotations
@@ -37,12 +47,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from textgen.errors import InvalidInputError
+from textgen.logit_controls import LogitControls, adjust, check_controls, exclude_row, greedy_fallback
 
 BLOCK = 256  # tokens per block of the pick: the CDF is a few dozen block sums plus one block's running sum
 CANDIDATES = 1024  # first top_p candidate set: the nucleus of most rows, grown for the rows it does not hold
@@ -56,6 +67,16 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
     repetition_penalty: float = 1.0  # 1.0: none
+    min_p: float = 0.0  # 0: no min-p filter
+    presence_penalty: float = 0.0  # OpenAI's, on this request's generated tokens; 0: none
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), each id at most once
+    allowed_token_ids: tuple[int, ...] = ()  # empty: every token allowed
+    banned_token_ids: tuple[int, ...] = ()
+    # Derived in __post_init__: whether steps 2-4 of the rule touch this row, and its per-vocabulary arrays.
+    adjusts: bool = field(default=False, init=False, repr=False, compare=False)
+    penalises: bool = field(default=False, init=False, repr=False, compare=False)
+    _controls: dict[int, LogitControls] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.temperature <= 100.0) or self.temperature != self.temperature:
@@ -66,10 +87,27 @@ class SamplingParams:
             raise InvalidInputError(f"top_p must be in (0, 1] (got {self.top_p})")
         if not (0.0 < self.repetition_penalty <= 100.0):
             raise InvalidInputError(f"repetition_penalty must be in (0, 100] (got {self.repetition_penalty})")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise InvalidInputError(f"min_p must be in [0, 1] (got {self.min_p})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not (-2.0 <= getattr(self, name) <= 2.0):
+                raise InvalidInputError(f"{name} must be in [-2, 2] (got {getattr(self, name)})")
+        check_controls(self)
+        penalises = self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        adjusts = penalises or bool(self.logit_bias or self.allowed_token_ids or self.banned_token_ids)
+        object.__setattr__(self, "penalises", penalises)
+        object.__setattr__(self, "adjusts", adjusts)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def controls(self, vocab: int) -> LogitControls:
+        """This row's bias and exclusion arrays for a vocabulary of ``vocab`` tokens (built once per size)."""
+        built = self._controls.get(vocab)
+        if built is None:
+            built = self._controls[vocab] = LogitControls.build(self, vocab)
+        return built
 
 
 def new_rng(seed: int) -> np.random.Generator:
@@ -89,12 +127,15 @@ def sample_token(
     params: SamplingParams,
     rng: np.random.Generator,
     seen: np.ndarray | None = None,
+    counts: np.ndarray | None = None,
 ) -> int:
     """Pick the next token id from one row of logits (shape ``[vocab]``) by the rule above.
 
-    ``seen`` is a boolean mask of tokens already in the context, used only by the repetition penalty."""
+    ``seen`` is a boolean mask of tokens already in the context, used only by the repetition penalty; ``counts``
+    how often each token was generated by this request, used only by the presence and frequency penalties."""
     row_seen = None if seen is None else np.asarray(seen, dtype=bool)[None]
-    return int(sample_batch(np.asarray(logits)[None], [params], [rng], row_seen)[0])
+    row_counts = None if counts is None else [counts]
+    return int(sample_batch(np.asarray(logits)[None], [params], [rng], row_seen, row_counts)[0])
 
 
 def sample_batch(
@@ -102,16 +143,19 @@ def sample_batch(
     params: Sequence[SamplingParams],
     rngs: Sequence[np.random.Generator],
     seen: np.ndarray | Sequence[np.ndarray] | None = None,
+    counts: np.ndarray | Sequence[np.ndarray | None] | None = None,
 ) -> np.ndarray:
     """Pick one token per row of ``logits`` (``[batch, vocab]``), each row with its own parameters and generator.
 
-    ``seen`` (``[batch, vocab]`` booleans, or one such row per request) feeds the repetition penalty. Each
+    ``seen`` (``[batch, vocab]`` booleans, or one such row per request) feeds the repetition penalty; ``counts``
+    (``[batch, vocab]`` generated-token counts, or one row or None per request) the presence and frequency
+    penalties, and is read only for the rows that have one. Each
     filter costs only the rows that ask for it, and works on candidate sets (``np.partition``), never on
     fully sorted rows; the pick reads a few dozen block sums and one block, not a running sum of the row."""
     # A tiny temperature or penalty may overflow logits to +-inf, which step 3 provides for: no warnings then.
     extreme = any(0.0 < sp.temperature < 1e-3 or sp.repetition_penalty < 1e-3 for sp in params)
     with np.errstate(over="ignore") if extreme else contextlib.nullcontext():
-        return _sample_batch(logits, params, rngs, seen)
+        return _sample_batch(logits, params, rngs, seen, counts)
 
 
 def _sample_batch(
@@ -119,14 +163,20 @@ def _sample_batch(
     params: Sequence[SamplingParams],
     rngs: Sequence[np.random.Generator],
     seen: np.ndarray | Sequence[np.ndarray] | None,
+    counts: np.ndarray | Sequence[np.ndarray | None] | None = None,
 ) -> np.ndarray:
     x = np.array(logits, dtype=np.float32)  # a copy: filtered in place below
     batch, vocab = x.shape
     if seen is not None:
         _penalise(x, params, seen)
+    adjusted = [i for i, sp in enumerate(params) if sp.adjusts]
+    if adjusted:
+        adjust(x, params, adjusted, counts)
     sampled = [i for i, sp in enumerate(params) if sp.temperature != 0.0]
     if len(sampled) < batch:
         out = np.argmax(x, axis=1)
+        if adjusted:
+            greedy_fallback(x, out, params, adjusted)
         if not sampled:
             return out
         x = x[sampled]
@@ -142,6 +192,7 @@ def _sample_batch(
     if not all(map(math.isfinite, peak.tolist())):  # (cheaper than np.isfinite(...).all() on a few rows)
         for i in np.flatnonzero(~np.isfinite(peak)):
             x[i] = np.where(x[i] == peak[i], np.float32(0), np.float32(-np.inf))
+            exclude_row(x[i], params[i])
             peak[i] = 0
     p = _probabilities(x, peak, [sp.top_k if 0 < sp.top_k < vocab else 0 for sp in params])
     nucleus = [i for i, sp in enumerate(params) if sp.top_p < 1.0]
@@ -153,6 +204,14 @@ def _sample_batch(
             sub = p[nucleus]
             _nucleus(sub, top_p)
             p[nucleus] = sub
+    floored = [i for i, sp in enumerate(params) if sp.min_p > 0.0]
+    if floored:  # rule step 10: below min_p times the largest p, which is 1
+        if len(floored) == n:
+            np.putmask(p, p < np.array([sp.min_p for sp in params], np.float32)[:, None], np.float32(0))
+        else:
+            sub = p[floored]
+            np.putmask(sub, sub < np.array([params[i].min_p for i in floored], np.float32)[:, None], np.float32(0))
+            p[floored] = sub
     u = np.array([r.random() for r in rngs])  # float64: exactly one draw per sampled row
     picked = _pick(p, u)
     if len(sampled) == batch:
