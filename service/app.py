@@ -18,6 +18,7 @@ from service.context import Context
 from service.engine import Engine
 from service.metrics import Metrics
 from service.models import ModelRegistry, ServedModel
+from service.predict import Predictor
 from service.sequence import Delta, Result, Sequence
 from service.sessions import Session, SessionStore
 from service.settings import ServerSettings
@@ -114,6 +115,7 @@ class App:
         self.draining = False
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self._settling: dict[str, asyncio.Future[None]] = {}  # session id -> its last generation's settling
+        self.predictor = Predictor(self)  # Predict calls (service/predict.py)
 
     def start(self) -> None:
         for engine in self.engines.values():
@@ -126,11 +128,12 @@ class App:
 
     @property
     def busy(self) -> bool:
-        return any(not e.idle for e in self.engines.values())
+        return any(not e.idle for e in self.engines.values()) or not self.predictor.idle
 
     def stop(self) -> None:
         for engine in self.engines.values():
             engine.stop()
+        self.predictor.stop()
         self._encoder.shutdown(wait=False, cancel_futures=True)
 
     def model_label(self, model: str, session_id: str = "") -> str:

@@ -19,6 +19,7 @@ from grpc._cython import cygrpc
 from service.app import App
 from service.messages import UNKNOWN_POLICY, completion_of, logprobs_of, model_info, spec_of
 from service.metrics import Call
+from service.predict_messages import predict_reply, predict_spec_of
 from service.principals import principal_of
 from service.sequence import Result
 from service.write_guard import WriteGuard
@@ -271,6 +272,19 @@ class Servicer(pb_grpc.TextGenerationServicer):
                 for t, lp in zip(scored.token_ids, scored.logprobs, strict=True)
             )
         return reply
+
+    @_rpc
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        predictor = self.app.predictor
+        done = await predictor.predict(predict_spec_of(request, self._principal(context)), context.time_remaining())
+        try:
+            reply = predict_reply(done)
+            if _deadline_passed(context):  # as Generate: a reply the client will not see changes no session
+                raise DeadlineExceededError("deadline exceeded")
+            predictor.commit(done)
+            return reply
+        finally:
+            predictor.end(done)
 
     @_rpc
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> Any:

@@ -98,6 +98,9 @@ class ServerSettings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request leaves it 0")
     max_stop_sequences: int = Field(16, ge=0, description="stop strings per request")
     max_stop_chars: int = Field(256, ge=1, description="longest stop string, in characters")
+    max_logit_bias: int = Field(
+        300, ge=0, description="logit_bias entries per request, by id and by text together (OpenAI's limit)"
+    )
     stream_buffer_tokens: int = Field(
         1024, ge=1, description="tokens generated but not yet sent that a stream may hold (slow readers)"
     )
@@ -124,6 +127,16 @@ class ServerSettings(BaseSettings):
         ge=1,
         description="logits (positions x vocabulary) one Score call may compute per engine step, so scoring a long "
         "text with a large vocabulary never stalls running streams for more than a few milliseconds",
+    )
+    max_predictions: int = Field(
+        20, ge=1, le=1000, description="most predictions one Predict call may ask for (num_predictions)"
+    )
+    max_predict_word_chars: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="longest word a Predict call may search for a character model (max_word_chars); each character "
+        "is one graph call over the call's beam of max(2 x num_predictions, 8) candidates",
     )
     unknown_tokens: Literal["auto", "map", "reject"] = Field(
         "auto",

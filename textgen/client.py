@@ -94,6 +94,14 @@ def generate_request(prompt: str = "", **options: Any) -> pb.GenerateRequest:
     return pb.GenerateRequest(prompt=prompt, **{k: v for k, v in options.items() if v is not None})
 
 
+def predict_unit(unit: str) -> int:
+    """The ``PredictUnit`` named "token", "word" or "" (the model's default)."""
+    try:
+        return {"": pb.PREDICT_UNIT_UNSPECIFIED, "token": pb.PREDICT_UNIT_TOKEN, "word": pb.PREDICT_UNIT_WORD}[unit]
+    except KeyError:
+        raise ConfigError(f"unit: {unit!r} is not token or word") from None
+
+
 def _same(reply: Any) -> Any:
     return reply
 
@@ -163,6 +171,34 @@ class _Base:
     def score(self, text: str, model: str = "", token_logprobs: bool = False) -> Any:
         """A ``ScoreResponse``: loss, perplexity and (optionally) per-token log-probabilities of ``text``."""
         return self._call(self.stub.Score, pb.ScoreRequest(model=model, text=text, token_logprobs=token_logprobs))
+
+    def predict(
+        self,
+        text: str = "",
+        num_predictions: int = 0,
+        unit: str = "",
+        model: str = "",
+        session_id: str = "",
+        snapshot: bytes = b"",
+        return_snapshot: bool = False,
+        max_word_chars: int = 0,
+    ) -> Any:
+        """A ``PredictResponse``: the ``num_predictions`` (0: 3) most likely next words (character models) or
+        tokens (word models) after ``text``, most likely first; ``unit`` "token" or "word" chooses. With
+        ``return_snapshot`` also the state after ``text``: send it back with only the next keystrokes."""
+        return self._call(
+            self.stub.Predict,
+            pb.PredictRequest(
+                model=model,
+                text=text,
+                session_id=session_id,
+                snapshot=snapshot,
+                num_predictions=num_predictions,
+                unit=predict_unit(unit),
+                return_snapshot=return_snapshot,
+                max_word_chars=max_word_chars,
+            ),
+        )
 
     def list_models(self) -> Any:
         """The served models (``ModelInfo`` list)."""
