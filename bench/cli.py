@@ -1,5 +1,6 @@
-"""``textgen bench serve|train|quality|curves|soak|sampling``: the benchmark programs. Each writes JSON (and plots) into
-``--out`` and prints its figures; docs/benchmarks.md states them with the command that made them."""
+"""``textgen bench serve|train|quality|curves|soak|sampling|replicas|predict``: the benchmark programs. Each writes
+JSON (and plots) into ``--out`` and prints its figures; docs/benchmarks.md states them with the command that made
+them."""
 
 from __future__ import annotations
 
@@ -198,6 +199,29 @@ def register(commands: Any) -> None:
     replicas.add_argument("--trials", type=int, default=10, help="failover trials (default: %(default)s)")
     replicas.add_argument("--failover-tokens", type=int, default=2000, help="tokens of a failover stream")
     replicas.add_argument("--kill-after", type=int, default=50, help="messages read before the kill (default: 50)")
+
+    predict = _command(
+        sub,
+        "predict",
+        _predict,
+        "bench-results/predict",
+        help="Predict's latency per keystroke, as a keyboard calls it (p50/p99, server CPU per call)",
+        description="Exports each CHECKPOINT (fp32) and starts `textgen serve` on it (--unknown-tokens map); one "
+        "client types a fixed English text into Predict one keystroke a call (a character for a character model, "
+        "a word and its space for a word model), each call with the snapshot the previous one returned, three "
+        "predictions, return_snapshot set. After 20 warm-up calls it times --calls calls one after another: "
+        "latency p50, p99 and mean, and the server's CPU time per call. Writes predict.json into --out.",
+    )
+    predict.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT")
+    predict.add_argument("--calls", type=int, default=500, help="timed calls per checkpoint (default: %(default)s)")
+    predict.add_argument("--threads", type=int, default=0, help="the server's ONNX Runtime threads (0: one per core)")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from bench.predict import run_predict_bench
+
+    run_predict_bench(args.checkpoints, args.out, args.calls, args.threads)
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -4,10 +4,12 @@ a cancelled or expired call against the server's state afterwards."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -227,3 +229,29 @@ def test_calls_are_counted_in_the_metrics(live: Live, client: Client) -> None:
     requests = live.server.app.metrics.registry.get_sample_value
     assert requests("textgen_requests_total", {"method": "Predict", "model": MODEL, "code": "OK"}) == 1
     assert requests("textgen_requests_total", {"method": "Predict", "model": MODEL, "code": "INVALID_ARGUMENT"}) == 1
+
+
+def test_cli_predicts_and_carries_the_snapshot(
+    live: Live, client: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from textgen.cli import main
+
+    server = ["--server", f"127.0.0.1:{live.server.port}", "--timeout", str(CALL_TIMEOUT)]
+    state = tmp_path / "state.snap"
+    assert main(["predict", START + "the qu", "--num", "2", "--snapshot-out", str(state), *server]) == 0
+    assert main(["predict", "ick ", "--num", "2", "--snapshot-in", str(state), *server]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    want = client.predict(START + "the quick ", num_predictions=2).predictions
+    assert [line.split("\t")[1] for line in lines[2:]] == [p.text for p in want]
+    assert float(lines[2].split("\t")[0]) == pytest.approx(math.exp(want[0].logprob), abs=1e-4)
+    assert main(["predict", "x", "--num", "99", *server]) == 1
+    assert "num_predictions" in capsys.readouterr().err
+
+
+def test_bench_predict_times_keystrokes(trained_run: Path, tmp_path: Path) -> None:
+    from textgen.cli import main
+
+    assert main(["bench", "predict", str(trained_run / "best.pt"), "--calls", "5", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "predict.json").read_text())["results"][0]
+    assert result["level"] == "char" and result["calls"] == 5
+    assert 0 < result["p50_ms"] <= result["p99_ms"] and result["server_cpu_ms_per_call"] >= 0

@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from exporter import cli as exporter_cli
     from service import cli as service_cli
     from service import keyring
-    from textgen import client_cli
+    from textgen import client_cli, predict_cli
     from training import cli as training_cli
 
     parser = argparse.ArgumentParser(
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     service_cli.register(commands)
     keyring.register(commands)
     client_cli.register(commands)
+    predict_cli.register(commands)
     bench_cli.register(commands)
     return parser
 
