@@ -30,7 +30,17 @@ DOCUMENTED = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-RPCS = ["Generate", "GenerateStream", "Score", "ListModels", "GetModel", "CreateSession", "ForkSession", "CloseSession"]
+RPCS = [
+    "Generate",
+    "GenerateStream",
+    "Score",
+    "ListModels",
+    "GetModel",
+    "CreateSession",
+    "ForkSession",
+    "CloseSession",
+    "Predict",
+]
 _INT_RANGE = {FieldDescriptor.TYPE_UINT32: 2**32 - 1, FieldDescriptor.TYPE_UINT64: 2**64 - 1}
 
 _text = st.text(st.characters(exclude_categories=["Cs"]), max_size=80)  # protobuf strings are valid UTF-8
@@ -51,6 +61,8 @@ def _strategy(field: FieldDescriptor, names: dict[str, st.SearchStrategy[Any]]) 
         one = _numbers
     elif kind == FieldDescriptor.TYPE_BOOL:
         one = st.booleans()
+    elif kind == FieldDescriptor.TYPE_ENUM:  # an open enum: its values, and numbers it does not name
+        one = st.sampled_from([v.number for v in field.enum_type.values]) | st.integers(-(2**31), 2**31 - 1)
     elif kind == FieldDescriptor.TYPE_BYTES:
         one = st.binary(max_size=600)
     elif kind == FieldDescriptor.TYPE_MESSAGE:  # e.g. GenerateRequest.resume
