@@ -103,10 +103,10 @@ class _Job:
     def run(self, vocab: Vocabulary) -> tuple[list[Found], State]:
         """The predictions, and the state after all of ``feed`` but its last token."""
         state, head = self.state, self.feed[:-1]
+        nowhere = np.zeros(0, np.int64)  # no logits wanted: the output projection is skipped (half a word model's call)
         for start in range(0, head.size, self.chunk):  # in chunks, so a long context stops soon when cancelled
             self.check()
-            part = head[None, start : start + self.chunk]
-            _, state = self.model.run(part, np.array([part.shape[1] - 1]), state)
+            _, state = self.model.run(head[None, start : start + self.chunk], nowhere, state)
         self.check()
         logits, after_last = self.model.run(self.feed[None, -1:], np.zeros(1, np.int64), state)
         row = log_softmax(logits[:, 0])[0]
