@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from collections.abc import Sequence as Ids
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -56,6 +57,15 @@ class GenerateSpec:
     return_snapshot: bool = False
     return_token_ids: bool = False
     resume: resume.ResumeSpec | None = None  # continue an interrupted stream (service/resume.py)
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    logit_bias_text: Mapping[str, float] = field(default_factory=dict)
+    allowed_token_ids: Ids[int] = ()
+    banned_token_ids: Ids[int] = ()
+    stop_token_ids: Ids[int] = ()
+    top_logprobs: int = 0
     principal: str = ""  # who is calling (service/principals.py): a session is used only by its owner
 
 
@@ -186,7 +196,7 @@ class App:
         time_remaining: float | None = None,
     ) -> Generation:
         """Validate ``spec`` and queue its sequence; every validation error names its field."""
-        params = validation.sampling_params(spec)
+        params = validation.sampling_params(spec, self.settings)
         max_tokens = validation.max_tokens(self.settings, spec.max_tokens)
         stops = validation.stop_strings(self.settings, spec.stop)
         if spec.resume is not None and spec.session_id:
@@ -199,12 +209,14 @@ class App:
             await self._settled(spec.session_id)  # another principal that the session exists
         engine, ctx, session = self._context_for(spec)
         try:
+            params = validation.token_controls(params, spec, engine.model)  # the checks that need the model
+            stop_ids = validation.token_ids("stop_token_ids", spec.stop_token_ids, engine.model)
             if spec.seed is not None and (session is not None or spec.snapshot):
                 ctx.reseed(spec.seed)
             feed = self._feed(engine.model, ctx, await self._encode(engine.model, spec.prompt, "prompt"))
             replay = None
             if spec.resume is not None:
-                replay = await self._replay(spec.resume, engine, feed, stops, max_tokens)
+                replay = await self._replay(spec.resume, engine, feed, stops, max_tokens, stop_ids)
                 feed = resume.feed(feed, replay)
             ctx.seen[feed] = True  # the repetition penalty covers the prompt too, as in the torch reference
             seq = Sequence(
@@ -213,7 +225,9 @@ class App:
                 params=params,
                 max_tokens=max_tokens,
                 stops=stops,
-                logprobs=spec.logprobs,
+                logprobs=spec.logprobs or spec.top_logprobs > 0,
+                top_logprobs=spec.top_logprobs,
+                stop_ids=stop_ids,
                 deadline=None if time_remaining is None else time.monotonic() + time_remaining,
                 loop=loop,
                 keep_context=session is not None or spec.return_snapshot,  # else its state row stays on the device
@@ -229,10 +243,16 @@ class App:
         return Generation(seq, engine, spec, session)
 
     async def _replay(
-        self, spec: resume.ResumeSpec, engine: Engine, prompt_feed: np.ndarray, stops: list[str], max_tokens: int
+        self,
+        spec: resume.ResumeSpec,
+        engine: Engine,
+        prompt_feed: np.ndarray,
+        stops: list[str],
+        max_tokens: int,
+        stop_ids: frozenset[int],
     ) -> resume.Replay:
         tokens = resume.check(spec, engine.model, max_tokens, engine.resume_refusal)
-        args = (spec, tokens, engine.output.text, stops, max_tokens, int(prompt_feed[-1]))
+        args = (spec, tokens, engine.output.text, stops, max_tokens, int(prompt_feed[-1]), stop_ids)
         if tokens.size <= _INLINE_REPLAY_TOKENS:
             return resume.replay(*args)
         return await asyncio.get_running_loop().run_in_executor(self._encoder, resume.replay, *args)

@@ -235,7 +235,10 @@ class Engine:
         seen = None
         if any(p.repetition_penalty != 1.0 for p in params):  # only the penalty reads the seen-token masks
             seen = [s.context.seen for s in rows]
-        tokens = sample_batch(logits, params, [s.context.rng for s in rows], seen)
+        counts = None
+        if any(s.counts is not None for s in rows):  # only the presence and frequency penalties read the counts
+            counts = [s.counts for s in rows]
+        tokens = sample_batch(logits, params, [s.context.rng for s in rows], seen, counts)
         for seq in rows:
             if seq.phase is Phase.PREFILL:  # its first token: it joins the decode batch
                 seq.phase = Phase.DECODE

@@ -38,12 +38,30 @@ def spec_of(r: pb.GenerateRequest, principal: str = "") -> GenerateSpec:
             if r.HasField("resume")
             else None
         ),
+        min_p=r.min_p if r.HasField("min_p") else None,
+        presence_penalty=r.presence_penalty if r.HasField("presence_penalty") else None,
+        frequency_penalty=r.frequency_penalty if r.HasField("frequency_penalty") else None,
+        logit_bias=r.logit_bias,  # the messages' own maps and lists: nothing is copied before it is checked
+        logit_bias_text=r.logit_bias_text,
+        allowed_token_ids=r.allowed_token_ids,
+        banned_token_ids=r.banned_token_ids,
+        stop_token_ids=r.stop_token_ids,
+        top_logprobs=r.top_logprobs,
         principal=principal,
     )
 
 
 def logprobs_of(deltas: list[Delta]) -> list[pb.TokenLogprob]:
-    return [pb.TokenLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob) for d in deltas for t in d.logprobs]
+    return [
+        pb.TokenLogprob(
+            token_id=t.token_id,
+            token=t.token,
+            logprob=t.logprob,
+            top_logprobs=[pb.TopLogprob(token_id=a.token_id, token=a.token, logprob=a.logprob) for a in t.top],
+        )
+        for d in deltas
+        for t in d.logprobs
+    ]
 
 
 def completion_of(model: ServedModel, outcome: Outcome) -> pb.Completion:
@@ -62,6 +80,7 @@ def completion_of(model: ServedModel, outcome: Outcome) -> pb.Completion:
             total_seconds=r.total_seconds,
         ),
         stop=r.stop,
+        stop_token_id=r.stop_token if r.stop_token >= 0 else None,
         snapshot=outcome.snapshot,
         session_id=outcome.session_id,
     )

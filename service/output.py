@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from service.logprobs import token_logprobs
+from service.logprobs import token_logprobs, top_logprobs
 from service.observer import EngineObserver
 from service.sequence import Delta, Finish, Sequence, TokenLogprob
 from service.wakes import Wakes
@@ -58,8 +58,10 @@ class OutputProcessor:
         interval = self.stream_interval(len(rows))
         wanted = [i for i, s in enumerate(rows) if s.logprobs]
         chosen = {}
+        tops: dict[int, tuple[TokenLogprob, ...]] = {}
         if wanted:  # a softmax over the rows that asked, none otherwise
             chosen = dict(zip(wanted, token_logprobs(logits[wanted], tokens[wanted]).tolist(), strict=True))
+            tops = self._alternatives(rows, wanted, logits)
         now = time.monotonic()
         text = self.text
         bare, spaced, eos = text.bare, text.spaced, text.eos
@@ -68,6 +70,8 @@ class OutputProcessor:
         wake = self.wakes.add
         for i, (seq, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             seq.context.seen[token] = True
+            if seq.counts is not None:  # (only when a presence or frequency penalty reads them)
+                seq.counts[token] += 1
             first = not seq.first_token  # this call's first (a resumed stream has generated tokens before it)
             if first:
                 seq.first_token = now
@@ -81,12 +85,16 @@ class OutputProcessor:
             piece = bare[token] if previous is None or previous == eos else spaced[token]
             last = generated >= seq.max_tokens
             stop = None
-            if seq.stops:
+            if seq.stop_ids and token in seq.stop_ids:  # its text is not sent; what was held back is, as at the end
+                seq.stop_token, stop = token, ""
+                piece = seq.stop_matcher.flush() if seq.stops else ""
+            elif seq.stops:
                 piece, stop = seq.stop_matcher.push(piece)
                 if stop is None and last:
                     piece += seq.stop_matcher.flush()
             if seq.logprobs:
-                seq.outbox.append(Delta(piece, [TokenLogprob(token, text.names[token], chosen[i])], 1, token))
+                logprob = TokenLogprob(token, text.names[token], chosen[i], tops.get(i, ()))
+                seq.outbox.append(Delta(piece, [logprob], 1, token))
                 seq.produced_tokens += 1
             elif piece or seq.token_ids:  # a held-back token's id is still sent (a resume needs every id)
                 seq.outbox.append(Delta(piece, [], 1, token))
@@ -99,3 +107,18 @@ class OutputProcessor:
                 wake(seq)
         self.observer.sampled(len(rows), gaps)
         return done
+
+    def _alternatives(
+        self, rows: list[Sequence], wanted: list[int], logits: np.ndarray
+    ) -> dict[int, tuple[TokenLogprob, ...]]:
+        """The top_logprobs of the rows that asked for them (row index -> most likely first)."""
+        ranked = [i for i in wanted if rows[i].top_logprobs]
+        if not ranked:
+            return {}
+        ids, values = top_logprobs(logits[ranked], max(rows[i].top_logprobs for i in ranked))
+        names = self.text.names
+        out = {}
+        for i, row_ids, row_values in zip(ranked, ids.tolist(), values.tolist(), strict=True):
+            n = rows[i].top_logprobs
+            out[i] = tuple(TokenLogprob(t, names[t], v) for t, v in zip(row_ids[:n], row_values[:n], strict=True))
+        return out

@@ -7,13 +7,14 @@ What makes it exact is that a sequence's future depends only on what this module
   ends with the same pending token, which a snapshot carries);
 - the sampler's generator: exactly one draw per sampled token (``textgen.sampling``), so it is the seeded
   generator advanced by the number of tokens received (none for greedy requests);
-- the tokens seen (the repetition penalty) and the previous token (word spacing);
+- the tokens seen (the repetition penalty), the counts of generated tokens (presence and frequency penalties) and
+  the previous token (word spacing);
 - the stop matcher's hold-back: the received tokens' text is pushed through a new matcher, which also yields how
   much of it the old stream had released; that must equal what the client says it received, or the resume is
   refused (another model, another request, a client bug), rather than continuing another text.
 
-A stream that had already ended (its last token or a stop was sent, only the final message was lost) resumes
-to its ending at once, with the same final context.
+A stream that had already ended (its last token, a stop string or a stop token was sent, only the final message
+was lost) resumes to its ending at once, with the same final context.
 
 The received tokens run as a prompt chunk, alone, where the interrupted stream decoded them one a step, batched
 with whatever else ran: the same state only if the replica's kernels compute a row to the same bits either way.
@@ -50,6 +51,7 @@ class Replay:
     tokens: np.ndarray  # int64, the received token ids
     matcher: StopMatcher
     ending: tuple[Finish, str] | None  # it had already ended there
+    stop_token: int = -1  # the stop token it ended on, if it did
 
 
 # The start-up check's tokens and batch companions: several timesteps and rows, a few milliseconds of graph calls.
@@ -119,13 +121,20 @@ def check(spec: ResumeSpec, model: ServedModel, max_tokens: int, refusal: str = 
 
 
 def replay(
-    spec: ResumeSpec, tokens: np.ndarray, text: TokenText, stops: list[str], max_tokens: int, previous: int | None
+    spec: ResumeSpec,
+    tokens: np.ndarray,
+    text: TokenText,
+    stops: list[str],
+    max_tokens: int,
+    previous: int | None,
+    stop_ids: frozenset[int] = frozenset(),
 ) -> Replay:
     """Push the received tokens' text through a new stop matcher as the engine did (``OutputProcessor.emit``);
     O(text of the tokens), so long replays run off the event loop. ``previous`` is the token before them."""
     matcher = StopMatcher(stops)
     released = 0
     ending: tuple[Finish, str] | None = None
+    stop_token = -1
     ids = tokens.tolist()
     for i, token in enumerate(ids):
         if ending is not None:
@@ -136,7 +145,9 @@ def replay(
         piece = text.piece(token, previous)
         previous = token
         last = i + 1 >= max_tokens
-        if stops:
+        if token in stop_ids:  # a stop token: its text never sent, what was held back released
+            piece, ending, stop_token = matcher.flush() if stops else "", (Finish.STOP, ""), token
+        elif stops:
             piece, stop = matcher.push(piece)
             if stop is not None:
                 ending = (Finish.STOP, stop)
@@ -150,7 +161,7 @@ def replay(
             f"resume.text_chars: these {len(ids)} tokens made {released} characters of text, not "
             f"{spec.text_chars}: they are not what this request's stream sent"
         )
-    return Replay(tokens, matcher, ending)
+    return Replay(tokens, matcher, ending, stop_token)
 
 
 def feed(prompt_feed: np.ndarray, done: Replay) -> np.ndarray:
@@ -168,6 +179,8 @@ def apply(seq: Sequence, done: Replay) -> None:
         return
     last = int(done.tokens[-1])
     seq.context.seen[done.tokens] = True
+    if seq.counts is not None:
+        seq.counts += np.bincount(done.tokens, minlength=seq.counts.size).astype(np.float32)
     if seq.params.temperature != 0.0:
         seq.context.rng.bit_generator.advance(k)
     seq.replayed = k - 1
@@ -176,3 +189,4 @@ def apply(seq: Sequence, done: Replay) -> None:
     seq.stop_matcher = done.matcher
     seq.resume_token = last
     seq.resume_ending = done.ending
+    seq.stop_token = done.stop_token

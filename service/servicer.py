@@ -206,7 +206,7 @@ class Servicer(pb_grpc.TextGenerationServicer):
         token_ids: list[int] = []
         async for gen, deltas, outcome in self._run(request, context):
             parts.extend(d.text for d in deltas)
-            if request.logprobs:
+            if request.logprobs or request.top_logprobs:  # top_logprobs implies logprobs
                 logprobs.extend(logprobs_of(deltas))
             if request.return_token_ids:
                 token_ids.extend(d.token for d in deltas)
@@ -232,7 +232,7 @@ class Servicer(pb_grpc.TextGenerationServicer):
         first = True
         async for gen, deltas, outcome in self._run(request, context):
             msg = pb.GenerateStreamResponse(text="".join(d.text for d in deltas))
-            if request.logprobs:
+            if request.logprobs or request.top_logprobs:  # top_logprobs implies logprobs
                 msg.logprobs.extend(logprobs_of(deltas))
             if request.return_token_ids:
                 msg.token_ids.extend(d.token for d in deltas)
