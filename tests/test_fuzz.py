@@ -54,6 +54,9 @@ def _strategy(field: FieldDescriptor, names: dict[str, st.SearchStrategy[Any]]) 
     if field.name in names:
         return names[field.name]
     kind = field.type
+    if kind == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:  # map<K, V> (logit_bias)
+        entry = field.message_type.fields_by_name
+        return st.dictionaries(_strategy(entry["key"], names), _strategy(entry["value"], names), max_size=20)
     if kind in _INT_RANGE:
         top = _INT_RANGE[kind]
         one = st.one_of(st.integers(0, 64), st.integers(0, top), st.sampled_from([top, top - 1, 2**31]))
