@@ -6,6 +6,8 @@ resumes to the same ending, and every invalid value is refused naming its field.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -286,3 +288,32 @@ def test_a_token_biased_by_id_and_by_text_is_refused(live: Live) -> None:
     err = rpc_error(live.generate, PROMPT, logit_bias={ids(live, "a")[0]: 1.0}, logit_bias_text={"a": 2.0})
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details().startswith('logit_bias_text["a"]: token') and "already has a bias" in err.details()
+
+
+def test_the_cli_takes_every_control(live: Live) -> None:
+    target = ["--server", f"127.0.0.1:{live.server.port}", "--prompt", PROMPT, "--temperature", "0"]
+    free = greedy(live, max_tokens=30).text
+    at = next(i for i in range(5, 30) if free.index(free[i]) == i)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "textgen.cli", "generate", *target, *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    out = cli("--max-tokens", "30", "--stop-token", str(ids(live, free[at])[0]), "--top-logprobs", "2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == PROMPT + free[:at] + "\n"
+    assert f"[stop; 10 prompt + {at + 1} generated tokens" in out.stderr
+    assert f"stop token {ids(live, free[at])[0]}" in out.stderr
+    assert out.stderr.count("\n") == at + 2 and out.stderr.splitlines()[0].count("\t") == 3  # token, 2 alternatives
+    z, q = ids(live, "zq")
+    args = ["--max-tokens", "6", "--logit-bias", f"{z}=100", "--logit-bias-text", "q=100", "--ban-token", str(z)]
+    assert cli(*args).stdout == PROMPT + "q" * 6 + "\n"
+    args = ["--max-tokens", "6", "--allow-token", str(z), "--allow-token", str(q), "--logit-bias-text", "q=-50"]
+    assert (
+        cli(*args, "--min-p", "1", "--presence-penalty", "0", "--frequency-penalty", "-2").stdout
+        == PROMPT + "z" * 6 + "\n"
+    )
+    bad = cli("--logit-bias", "a=1")
+    assert bad.returncode == 2 and "expected KEY=BIAS" in bad.stderr
+    refused = cli("--logit-bias-text", "ab=1")
+    assert refused.returncode == 1 and 'logit_bias_text["ab"]' in refused.stderr

@@ -40,6 +40,51 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _control_flags(p: argparse.ArgumentParser) -> None:
+    """The generation controls beside the sampling flags (their order of application: textgen.sampling)."""
+    g = p.add_argument_group("generation controls")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below MIN_P x the top one's probability")
+    g.add_argument("--presence-penalty", type=float, default=None, help="-2..2, once per token already generated")
+    g.add_argument("--frequency-penalty", type=float, default=None, help="-2..2, per time a token was generated")
+    g.add_argument(
+        "--logit-bias",
+        action="append",
+        default=[],
+        type=_bias(int),
+        metavar="ID=BIAS",
+        help="add BIAS (-100..100) to token ID's logit (repeatable)",
+    )
+    g.add_argument(
+        "--logit-bias-text",
+        action="append",
+        default=[],
+        type=_bias(str),
+        metavar="TEXT=BIAS",
+        help="the same for the token whose text is TEXT (a character or a word; repeatable)",
+    )
+    g.add_argument("--allow-token", action="append", default=[], type=int, metavar="ID", help="only these tokens")
+    g.add_argument("--ban-token", action="append", default=[], type=int, metavar="ID", help="never this token")
+    g.add_argument("--stop-token", action="append", default=[], type=int, metavar="ID", help="stop when sampled")
+    g.add_argument(
+        "--top-logprobs", type=int, default=0, metavar="N", help="print the N most likely tokens at each position"
+    )
+
+
+def _bias(key: type) -> Any:
+    """An argparse type for KEY=BIAS (the last '=' splits, so a text may hold one)."""
+
+    def parse(value: str) -> tuple[Any, float]:
+        name, sep, bias = value.rpartition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{value!r}: expected KEY=BIAS")
+        try:
+            return key(name), float(bias)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r}: expected KEY=BIAS with a number as BIAS") from None
+
+    return parse
+
+
 def _client(args: argparse.Namespace) -> Any:
     from textgen.client import Client, channel_credentials
 
@@ -63,6 +108,7 @@ def register(commands: Any) -> None:
     p.add_argument("--snapshot-out", type=Path, metavar="FILE", help="write the state after this call to FILE")
     p.add_argument("--logprobs", action="store_true", help="print each token's log-probability to stderr")
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
+    _control_flags(p)
     _connection_flags(p)
     p.set_defaults(handler=_generate)
 
@@ -104,6 +150,15 @@ def _generate(args: argparse.Namespace) -> int:
         "session_id": args.session,
         "snapshot": args.snapshot_in.read_bytes() if args.snapshot_in else None,
         "return_snapshot": args.snapshot_out is not None,
+        "min_p": args.min_p,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "logit_bias": dict(args.logit_bias),
+        "logit_bias_text": dict(args.logit_bias_text),
+        "allowed_token_ids": args.allow_token,
+        "banned_token_ids": args.ban_token,
+        "stop_token_ids": args.stop_token,
+        "top_logprobs": args.top_logprobs,
     }
     start = time.perf_counter()
     complete = None
@@ -113,7 +168,8 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.write(msg.text)
             sys.stdout.flush()
             for lp in msg.logprobs:
-                print(f"{lp.token!r}\t{lp.logprob:.4f}", file=sys.stderr)
+                alternatives = "".join(f"\t{a.token!r} {a.logprob:.4f}" for a in lp.top_logprobs)
+                print(f"{lp.token!r}\t{lp.logprob:.4f}{alternatives}", file=sys.stderr)
             if msg.HasField("complete"):
                 complete = msg.complete
     sys.stdout.write("\n")
@@ -130,6 +186,7 @@ def _generate(args: argparse.Namespace) -> int:
             f"{seconds:.2f} s ({complete.generated_tokens / max(seconds, 1e-9):.0f} tokens/s); first token "
             f"{complete.timings.first_token_seconds * 1000:.1f} ms; seed {complete.seed}; "
             f"{complete.model}:{complete.model_version}"
+            + (f"; stop token {complete.stop_token_id}" if complete.HasField("stop_token_id") else "")
             + (f"; session {complete.session_id}" if complete.session_id else "")
             + "]",
             file=sys.stderr,
