@@ -75,6 +75,7 @@ class SamplingParams:
     banned_token_ids: tuple[int, ...] = ()
     # Derived in __post_init__: whether steps 2-4 of the rule touch this row, and its per-vocabulary arrays.
     adjusts: bool = field(default=False, init=False, repr=False, compare=False)
+    controlled: bool = field(default=False, init=False, repr=False, compare=False)  # adjusts, or min_p
     penalises: bool = field(default=False, init=False, repr=False, compare=False)
     _controls: dict[int, LogitControls] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -97,6 +98,7 @@ class SamplingParams:
         adjusts = penalises or bool(self.logit_bias or self.allowed_token_ids or self.banned_token_ids)
         object.__setattr__(self, "penalises", penalises)
         object.__setattr__(self, "adjusts", adjusts)
+        object.__setattr__(self, "controlled", adjusts or self.min_p > 0.0)
 
     @property
     def greedy(self) -> bool:
@@ -169,7 +171,8 @@ def _sample_batch(
     batch, vocab = x.shape
     if seen is not None:
         _penalise(x, params, seen)
-    adjusted = [i for i, sp in enumerate(params) if sp.adjusts]
+    controlled = [i for i, sp in enumerate(params) if sp.controlled]  # rows without controls pay only this pass
+    adjusted = [i for i in controlled if params[i].adjusts]
     if adjusted:
         adjust(x, params, adjusted, counts)
     sampled = [i for i, sp in enumerate(params) if sp.temperature != 0.0]
@@ -204,13 +207,13 @@ def _sample_batch(
             sub = p[nucleus]
             _nucleus(sub, top_p)
             p[nucleus] = sub
-    floored = [i for i, sp in enumerate(params) if sp.min_p > 0.0]
+    floored = [i for i, sp in enumerate(params) if sp.min_p > 0.0] if controlled else []
     if floored:  # rule step 10: below min_p times the largest p, which is 1
-        if len(floored) == n:
-            np.putmask(p, p < np.array([sp.min_p for sp in params], np.float32)[:, None], np.float32(0))
+        if len(floored) == n:  # (p times a mask: cheaper than putmask; p is finite, so p * 0 is 0)
+            np.multiply(p, p >= np.array([sp.min_p for sp in params], np.float32)[:, None], out=p)
         else:
             sub = p[floored]
-            np.putmask(sub, sub < np.array([params[i].min_p for i in floored], np.float32)[:, None], np.float32(0))
+            np.multiply(sub, sub >= np.array([params[i].min_p for i in floored], np.float32)[:, None], out=sub)
             p[floored] = sub
     u = np.array([r.random() for r in rngs])  # float64: exactly one draw per sampled row
     picked = _pick(p, u)
