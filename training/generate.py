@@ -33,11 +33,14 @@ def generate_ids(
     rng = new_rng(seed)
     seen = np.zeros(model.config.vocab_size, dtype=bool)
     seen[prompt_ids] = True
+    counts = np.zeros(model.config.vocab_size, np.float32) if params.penalises else None  # generated tokens
     state = model.init_state(1)
     logits, state = model(torch.as_tensor(prompt_ids, dtype=torch.int64).view(1, -1), state)
     for _ in range(max_tokens):
-        token = sample_token(logits[0, -1].float().numpy(), params, rng, seen)
+        token = sample_token(logits[0, -1].float().numpy(), params, rng, seen, counts)
         seen[token] = True
+        if counts is not None:
+            counts[token] += 1
         yield token
         if token == stop_id:
             return
