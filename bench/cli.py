@@ -166,7 +166,9 @@ def register(commands: Any) -> None:
         help="the sampler (textgen.sampling.sample_batch) vs a plain per-row implementation of the same rule",
         description="Times sample_batch against bench/sampling.py's per-row reference implementation of the "
         "same rule on 1x96, 64x96, 1x10000 and 64x10000 logits, N(0, 3^2) and peaked (every other row led by one "
-        "token), for temperature 1, top_k 40, top_p 0.9 and repetition penalty 1.3 (about 50 seen tokens a row). "
+        "token), for temperature 1, top_k 40, top_p 0.9, repetition penalty 1.3 (about 50 seen tokens a row), "
+        "min_p 0.05, presence and frequency penalties 0.5, logit_bias on 300 tokens, half the vocabulary allowed "
+        "and 50 tokens banned. "
         "The two alternate call by call after a warm-up; prints the median ms of each and their ratio, and "
         "writes sampling.json into --out. About 20 s.",
     )
