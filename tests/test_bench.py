@@ -70,11 +70,11 @@ def test_the_raw_loops_sample_each_row_as_the_server_samples_its_stream(
 
     streams, steps = 6, 12
     sent = [pb.GenerateRequest.FromString(r.SerializeToString()) for r in requests("mix", streams, steps)]
-    server_params = [sampling_params(spec_of(r)) for r in sent]
+    live = serve(intra_op_threads=1)
+    server_params = [sampling_params(spec_of(r), live.server.app.settings) for r in sent]
     assert [r.seed for r in sent] == list(range(streams))
     assert len(set(server_params)) == 4 and server_params[4:] == server_params[:2]  # stream i: setting i % 4
     assert row_params("mix", streams) == server_params
-    live = serve(intra_op_threads=1)
     texts = [live.stub.Generate(r).text for r in sent]
 
     calls: list[tuple[list[Any], list[Any], Any, Any]] = []
