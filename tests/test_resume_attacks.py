@@ -308,20 +308,30 @@ def test_with_failover_a_caller_gets_what_it_asked_for(serve: Callable[..., Live
 
 def test_a_failed_over_stream_keeps_its_deadline(serve: Callable[..., Live]) -> None:
     """The client's timeout bounds the whole generation, as it would have bounded the uninterrupted stream: a
-    resumed call gets what is left of it (before: each resumed call got the whole timeout again)."""
+    resumed call gets what is left of it (before: each resumed call got the whole timeout again).
+
+    Checked on the timeouts the client sends, exactly: the first call's deadline is fixed at most at ``sent[0]``
+    + CALL_TIMEOUT, and the resumed call is made after ``cut`` (the shutdown that breaks the stream), so it may
+    ask for at most CALL_TIMEOUT - (cut - sent[0]), however fast or slow the machine."""
     a, b, target = _replicas(serve)
-    recorders = {id(r): r.observe() for r in (a, b)}
+    sent: list[tuple[float, float | None]] = []  # (when the call was made, its timeout)
     with Client(target, timeout=CALL_TIMEOUT, failover=True, options=SMALL_WINDOW) as client:
+        real = client.stub.GenerateStream
+
+        def recorded(request: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+            sent.append((time.monotonic(), timeout))
+            return real(request, timeout=timeout, **kwargs)
+
+        client.stub.GenerateStream = recorded  # type: ignore[method-assign]
         stream = client.stream("def ", **LONG)
         next(stream)
-        first_call_by = time.monotonic()  # the client's deadline is at most this + CALL_TIMEOUT
-        time.sleep(1.0)  # not a wait for anything: time passes before the cut (a renewed deadline would show it)
-        victim, stopping = _shut_down_serving((a, b))
+        cut = time.monotonic()
+        _, stopping = _shut_down_serving((a, b))
         assert list(stream)[-1].complete.generated_tokens == LONG["max_tokens"]
         stopping.join(CALL_TIMEOUT)
-    survivor = b if victim is a else a
-    (resumed,) = recorders[id(survivor)].started
-    assert resumed.deadline is not None and resumed.deadline < first_call_by + CALL_TIMEOUT + 0.5
+    assert len(sent) == 2 and sent[0][1] == CALL_TIMEOUT
+    resumed = sent[1][1]
+    assert resumed is not None and 0 < resumed <= CALL_TIMEOUT - (cut - sent[0][0])
 
 
 def test_deadline_exceeded_is_not_retried(serve: Callable[..., Live]) -> None:
