@@ -311,8 +311,8 @@ def test_a_failed_over_stream_keeps_its_deadline(serve: Callable[..., Live]) -> 
     resumed call gets what is left of it (before: each resumed call got the whole timeout again).
 
     Checked on the timeouts the client sends, exactly: the first call's deadline is fixed at most at ``sent[0]``
-    + CALL_TIMEOUT, and the resumed call is made after ``cut`` (the shutdown that breaks the stream), so it may
-    ask for at most CALL_TIMEOUT - (cut - sent[0]), however fast or slow the machine."""
+    + CALL_TIMEOUT, and every resumed call is made after ``cut`` (the shutdown that breaks the stream), so each
+    may ask for at most CALL_TIMEOUT - (cut - sent[0]), however fast or slow the machine."""
     a, b, target = _replicas(serve)
     sent: list[tuple[float, float | None]] = []  # (when the call was made, its timeout)
     with Client(target, timeout=CALL_TIMEOUT, failover=True, options=SMALL_WINDOW) as client:
@@ -329,9 +329,11 @@ def test_a_failed_over_stream_keeps_its_deadline(serve: Callable[..., Live]) -> 
         _, stopping = _shut_down_serving((a, b))
         assert list(stream)[-1].complete.generated_tokens == LONG["max_tokens"]
         stopping.join(CALL_TIMEOUT)
-    assert len(sent) == 2 and sent[0][1] == CALL_TIMEOUT
-    resumed = sent[1][1]
-    assert resumed is not None and 0 < resumed <= CALL_TIMEOUT - (cut - sent[0][0])
+    # A resume may first reach the replica that is shutting down and be tried again: every one is bounded.
+    assert len(sent) >= 2 and sent[0][1] == CALL_TIMEOUT
+    resumed = [timeout for _, timeout in sent[1:]]
+    assert all(t is not None and 0 < t <= CALL_TIMEOUT - (cut - sent[0][0]) for t in resumed), sent
+    assert resumed == sorted(resumed, reverse=True), sent  # what is left only shrinks
 
 
 def test_deadline_exceeded_is_not_retried(serve: Callable[..., Live]) -> None:
