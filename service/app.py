@@ -66,6 +66,12 @@ class GenerateSpec:
     banned_token_ids: Ids[int] = ()
     stop_token_ids: Ids[int] = ()
     top_logprobs: int = 0
+    n: int = 0  # candidates (0: one)
+    num_beams: int = 0  # beam search (0 or 1: off)
+    length_penalty: float | None = None
+    early_stopping: bool = False
+    regex: str = ""  # constrained decoding: a pattern, or
+    choices: Ids[str] = ()  # a list of texts
     principal: str = ""  # who is calling (service/principals.py): a session is used only by its owner
 
 

@@ -47,6 +47,12 @@ def spec_of(r: pb.GenerateRequest, principal: str = "") -> GenerateSpec:
         banned_token_ids=r.banned_token_ids,
         stop_token_ids=r.stop_token_ids,
         top_logprobs=r.top_logprobs,
+        n=r.n,
+        num_beams=r.num_beams,
+        length_penalty=r.length_penalty if r.HasField("length_penalty") else None,
+        early_stopping=r.early_stopping,
+        regex=r.regex,
+        choices=r.choices,
         principal=principal,
     )
 

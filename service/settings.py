@@ -101,6 +101,14 @@ class ServerSettings(BaseSettings):
     max_logit_bias: int = Field(
         300, ge=0, description="logit_bias entries per request, by id and by text together (OpenAI's limit)"
     )
+    max_candidates: int = Field(
+        16, ge=1, le=256, description="candidates per generate request (n); each holds a batch slot like a request"
+    )
+    max_beams: int = Field(8, ge=1, le=64, description="beams per beam-search request (num_beams)")
+    max_constraint_chars: int = Field(
+        4096, ge=1, description="characters of a request's regex, or of its choices together (constrained decoding)"
+    )
+    max_choices: int = Field(256, ge=1, description="choices per constrained request")
     stream_buffer_tokens: int = Field(
         1024, ge=1, description="tokens generated but not yet sent that a stream may hold (slow readers)"
     )

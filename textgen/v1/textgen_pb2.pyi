@@ -32,7 +32,7 @@ PREDICT_UNIT_TOKEN: PredictUnit
 PREDICT_UNIT_WORD: PredictUnit
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "logprobs", "session_id", "snapshot", "return_snapshot", "return_token_ids", "resume", "min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logit_bias_text", "allowed_token_ids", "banned_token_ids", "stop_token_ids", "top_logprobs")
+    __slots__ = ("model", "prompt", "max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "logprobs", "session_id", "snapshot", "return_snapshot", "return_token_ids", "resume", "min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logit_bias_text", "allowed_token_ids", "banned_token_ids", "stop_token_ids", "top_logprobs", "n", "num_beams", "length_penalty", "early_stopping", "regex", "choices")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,12 @@ class GenerateRequest(_message.Message):
     BANNED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    NUM_BEAMS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    EARLY_STOPPING_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     max_tokens: int
@@ -95,7 +101,13 @@ class GenerateRequest(_message.Message):
     banned_token_ids: _containers.RepeatedScalarFieldContainer[int]
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[bool] = ..., session_id: _Optional[str] = ..., snapshot: _Optional[bytes] = ..., return_snapshot: _Optional[bool] = ..., return_token_ids: _Optional[bool] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., logit_bias_text: _Optional[_Mapping[str, float]] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., banned_token_ids: _Optional[_Iterable[int]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+    n: int
+    num_beams: int
+    length_penalty: float
+    early_stopping: bool
+    regex: str
+    choices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[bool] = ..., session_id: _Optional[str] = ..., snapshot: _Optional[bytes] = ..., return_snapshot: _Optional[bool] = ..., return_token_ids: _Optional[bool] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., logit_bias_text: _Optional[_Mapping[str, float]] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., banned_token_ids: _Optional[_Iterable[int]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[int] = ..., n: _Optional[int] = ..., num_beams: _Optional[int] = ..., length_penalty: _Optional[float] = ..., early_stopping: _Optional[bool] = ..., regex: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Resume(_message.Message):
     __slots__ = ("token_ids", "text_chars", "model_version")
@@ -142,7 +154,7 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., prompt_seconds: _Optional[float] = ..., first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class Completion(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "generated_tokens", "seed", "model", "model_version", "timings", "stop", "snapshot", "session_id", "stop_token_id")
+    __slots__ = ("finish_reason", "prompt_tokens", "generated_tokens", "seed", "model", "model_version", "timings", "stop", "snapshot", "session_id", "stop_token_id", "index", "cumulative_logprob", "beam_score")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +166,9 @@ class Completion(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CUMULATIVE_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    BEAM_SCORE_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     prompt_tokens: int
     generated_tokens: int
@@ -165,33 +180,54 @@ class Completion(_message.Message):
     snapshot: bytes
     session_id: str
     stop_token_id: int
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., stop: _Optional[str] = ..., snapshot: _Optional[bytes] = ..., session_id: _Optional[str] = ..., stop_token_id: _Optional[int] = ...) -> None: ...
+    index: int
+    cumulative_logprob: float
+    beam_score: float
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., stop: _Optional[str] = ..., snapshot: _Optional[bytes] = ..., session_id: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., index: _Optional[int] = ..., cumulative_logprob: _Optional[float] = ..., beam_score: _Optional[float] = ...) -> None: ...
 
-class GenerateResponse(_message.Message):
-    __slots__ = ("text", "logprobs", "complete", "token_ids")
+class Candidate(_message.Message):
+    __slots__ = ("index", "text", "logprobs", "complete", "token_ids")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    index: int
     text: str
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     complete: Completion
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., complete: _Optional[_Union[Completion, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., complete: _Optional[_Union[Completion, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("text", "logprobs", "complete", "token_ids", "candidates")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    complete: Completion
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    def __init__(self, text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., complete: _Optional[_Union[Completion, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("text", "logprobs", "complete", "token_ids", "model_version")
+    __slots__ = ("text", "logprobs", "complete", "token_ids", "model_version", "index")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     text: str
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     complete: Completion
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     model_version: str
-    def __init__(self, text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., complete: _Optional[_Union[Completion, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    index: int
+    def __init__(self, text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., complete: _Optional[_Union[Completion, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., model_version: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("model", "text", "token_logprobs")
