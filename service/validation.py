@@ -98,14 +98,13 @@ def token_ids(name: str, ids: Sequence[int], model: ServedModel) -> frozenset[in
 
 
 def _single_token(model: ServedModel, text: str, name: str) -> int:
-    """The id of the one token ``text`` is in ``model``'s vocabulary (text outside it, which would encode as
-    ``<unk>``, is refused unless it is ``<unk>`` itself)."""
-    tokenizer = model.tokenizer
-    ids = tokenizer.encode(text) if 0 < len(text) <= _MAX_TOKEN_CHARS else np.zeros(0, np.int64)
-    if ids.size != 1 or (int(ids[0]) == tokenizer.unk_id and text != tokenizer.id_to_token[tokenizer.unk_id]):
+    """The id of the one token ``text`` is in ``model``'s vocabulary (``TextTokenizer.single_token``)."""
+    token = model.tokenizer.single_token(text)
+    if token is None:
+        ids = model.tokenizer.encode(text) if 0 < len(text) <= _MAX_TOKEN_CHARS else np.zeros(0, np.int64)
         what = "outside the vocabulary" if ids.size == 1 else f"{ids.size} tokens" if ids.size else "no token"
         raise InvalidInputError(f"{name}: not exactly one token of {model.name} ({what})")
-    return int(ids[0])
+    return token
 
 
 def max_tokens(settings: ServerSettings, requested: int) -> int:

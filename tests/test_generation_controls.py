@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 from test_resume import assert_every_cut_resumes, resume_from, stream_messages
+from test_resume_attacks import word_bundle  # noqa: F401 (a fixture)
 
 from textgen.tokenizer import TextTokenizer
 from textgen.v1 import textgen_pb2 as pb
@@ -342,3 +343,54 @@ def test_served_text_equals_the_torch_reference_with_controls(
     for prompt, seed in (("the quick ", 3), ("def add(a, b):\n", 11)):
         served = live.generate(prompt, max_tokens=60, seed=seed, **fields).text
         assert served == "".join(generate_text(model, tok, prompt, 60, SamplingParams(**control), seed))
+
+
+def test_textgen_sample_takes_the_controls_and_matches_the_server(
+    live: Live, fluent_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``textgen sample`` (the torch reference) takes the control flags and draws the served text for a seed."""
+    from textgen.cli import main
+
+    free = greedy(live).text
+    stop = ids(live, free[20])[0]  # a token the text reaches: the stop ends it there, its text not printed
+    fields: dict[str, Any] = {
+        "temperature": 0.8,
+        "min_p": 0.05,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.3,
+        "logit_bias": {ids(live, "e")[0]: -2.0},
+        "logit_bias_text": {"t": 1.5},
+        "banned_token_ids": ids(live, "z"),
+        "stop_token_ids": [stop],
+    }
+    flags = ["--temperature", "0.8", "--min-p", "0.05", "--presence-penalty", "0.5", "--frequency-penalty", "0.3"]
+    flags += ["--logit-bias", f"{ids(live, 'e')[0]}=-2", "--logit-bias-text", "t=1.5", "--ban-token"]
+    flags += [str(ids(live, "z")[0]), "--stop-token", str(stop)]
+    for seed in (3, 8):
+        served = live.generate(PROMPT, max_tokens=60, seed=seed, **fields).text
+        argv = ["sample", str(fluent_run / "best.pt"), "--prompt", PROMPT, "--max-tokens", "60", "--seed", str(seed)]
+        assert main(argv + flags) == 0
+        assert capsys.readouterr().out == PROMPT + served + "\n"
+    assert main(["sample", str(fluent_run / "best.pt"), "--logit-bias-text", "ab=1"]) == 1
+    assert "--logit-bias-text 'ab': not exactly one token" in capsys.readouterr().err
+
+
+def test_a_word_models_logit_bias_text_names_words(word_bundle: Path) -> None:  # noqa: F811
+    """For a word model a logit_bias_text key is a word: +100 makes it every token, -100 removes it."""
+    word_live = start_server(word_bundle)
+    try:
+        tok = word_live.engine.model.tokenizer
+        free = word_live.generate("to be or not", max_tokens=40, temperature=1.0, seed=2, return_token_ids=True)
+        word = next(tok.id_to_token[t] for t in free.token_ids if tok.id_to_token[t].isalpha())
+        forced = word_live.generate("to be or not", max_tokens=10, seed=2, logit_bias_text={word: 100.0})
+        assert forced.text.split() == [word] * 10
+        banned = word_live.generate(
+            "to be or not", max_tokens=40, temperature=1.0, seed=2, logit_bias_text={word: -100}
+        )
+        assert word not in banned.text.split()
+        for text, what in (("to be", "2 tokens"), ("zzyzx", "outside the vocabulary")):
+            error = rpc_error(lambda t=text: word_live.generate("to", max_tokens=3, logit_bias_text={t: 1.0}))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f'logit_bias_text["{text}"]' in error.details() and what in error.details()
+    finally:
+        word_live.close()

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from textgen.flags import add_sampling_flags
+from textgen.flags import add_control_flags, add_sampling_flags
 
 
 def _connection_flags(p: argparse.ArgumentParser) -> None:
@@ -40,51 +40,6 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _control_flags(p: argparse.ArgumentParser) -> None:
-    """The generation controls beside the sampling flags (their order of application: textgen.sampling)."""
-    g = p.add_argument_group("generation controls")
-    g.add_argument("--min-p", type=float, default=None, help="drop tokens below MIN_P x the top one's probability")
-    g.add_argument("--presence-penalty", type=float, default=None, help="-2..2, once per token already generated")
-    g.add_argument("--frequency-penalty", type=float, default=None, help="-2..2, per time a token was generated")
-    g.add_argument(
-        "--logit-bias",
-        action="append",
-        default=[],
-        type=_bias(int),
-        metavar="ID=BIAS",
-        help="add BIAS (-100..100) to token ID's logit (repeatable)",
-    )
-    g.add_argument(
-        "--logit-bias-text",
-        action="append",
-        default=[],
-        type=_bias(str),
-        metavar="TEXT=BIAS",
-        help="the same for the token whose text is TEXT (a character or a word; repeatable)",
-    )
-    g.add_argument("--allow-token", action="append", default=[], type=int, metavar="ID", help="only these tokens")
-    g.add_argument("--ban-token", action="append", default=[], type=int, metavar="ID", help="never this token")
-    g.add_argument("--stop-token", action="append", default=[], type=int, metavar="ID", help="stop when sampled")
-    g.add_argument(
-        "--top-logprobs", type=int, default=0, metavar="N", help="print the N most likely tokens at each position"
-    )
-
-
-def _bias(key: type) -> Any:
-    """An argparse type for KEY=BIAS (the last '=' splits, so a text may hold one)."""
-
-    def parse(value: str) -> tuple[Any, float]:
-        name, sep, bias = value.rpartition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"{value!r}: expected KEY=BIAS")
-        try:
-            return key(name), float(bias)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r}: expected KEY=BIAS with a number as BIAS") from None
-
-    return parse
-
-
 def _client(args: argparse.Namespace) -> Any:
     from textgen.client import Client, channel_credentials
 
@@ -108,7 +63,7 @@ def register(commands: Any) -> None:
     p.add_argument("--snapshot-out", type=Path, metavar="FILE", help="write the state after this call to FILE")
     p.add_argument("--logprobs", action="store_true", help="print each token's log-probability to stderr")
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
-    _control_flags(p)
+    add_control_flags(p)
     _connection_flags(p)
     p.set_defaults(handler=_generate)
 

@@ -31,6 +31,7 @@ REPLACEMENT_CHAR = "\ufffd"
 # Text is encoded in pieces of about this many characters, cut at line ends, so memory stays bounded and
 # the Rust encoder can use several threads.
 _ENCODE_CHUNK_CHARS = 1 << 16
+_MAX_TOKEN_CHARS = 256  # text longer than this is no single token of any vocabulary we build
 
 
 class Level(str, Enum):
@@ -176,6 +177,15 @@ class TextTokenizer:
         """Token ids (int64) of ``text``; unknown tokens become ``<unk>``."""
         parts = self.encode_parts(text)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def single_token(self, text: str) -> int | None:
+        """The id of the one token ``text`` is (a character of a character model, a word of a word model), or
+        None: more or fewer tokens, or text outside the vocabulary (which would encode as ``<unk>``), unless it is
+        ``<unk>`` itself."""
+        ids = self.encode(text) if 0 < len(text) <= _MAX_TOKEN_CHARS else np.zeros(0, np.int64)
+        if ids.size != 1 or (int(ids[0]) == self.unk_id and text != self.id_to_token[self.unk_id]):
+            return None
+        return int(ids[0])
 
     def encode_parts(self, text: str, max_tokens: int | None = None) -> list[np.ndarray]:
         """``encode``'s ids, one array per piece of ``_chunks(text)`` (a single piece for short text), so that

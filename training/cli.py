@@ -9,7 +9,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from textgen.flags import add_sampling_flags
+from textgen.flags import add_control_flags, add_sampling_flags, local_sampling_params
 from training.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from training.corpus import DataConfig
 
@@ -271,6 +271,7 @@ def _register_sample(commands: Any) -> None:
     )
     p.add_argument("checkpoint", type=Path, help="a .pt checkpoint (e.g. runs/default/best.pt)")
     add_sampling_flags(p, max_tokens=200)
+    add_control_flags(p, top_logprobs=False)
     p.set_defaults(handler=_sample)
 
 
@@ -320,19 +321,25 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from textgen.sampling import SamplingParams, random_seed
+    from textgen.errors import InvalidInputError
+    from textgen.sampling import random_seed
     from training.checkpoint import load_checkpoint, model_from_checkpoint
     from training.generate import generate_text
 
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     seed = args.seed
     if seed is None:
         seed = random_seed()
         print(f"seed: {seed}", file=sys.stderr)
     model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint))
+    params = local_sampling_params(args, tokenizer)
+    stop_ids = frozenset(args.stop_token)
+    for token in sorted(stop_ids):  # (the sampler checks the other ids against the vocabulary itself)
+        if not 0 <= token < tokenizer.vocab_size:
+            vocab = tokenizer.vocab_size
+            raise InvalidInputError(f"--stop-token {token}: not in the model's vocabulary ({vocab} tokens)")
     out = sys.stdout
     out.write(args.prompt)
-    for piece in generate_text(model, tokenizer, args.prompt, args.max_tokens, params, seed):
+    for piece in generate_text(model, tokenizer, args.prompt, args.max_tokens, params, seed, stop_ids):
         out.write(piece)
         out.flush()
     out.write("\n")

@@ -21,10 +21,10 @@ def generate_ids(
     max_tokens: int,
     params: SamplingParams,
     seed: int,
-    stop_id: int | None = None,
+    stop_ids: frozenset[int] = frozenset(),
 ) -> Iterator[int]:
-    """Yield up to ``max_tokens`` sampled ids after ``prompt_ids`` (must be non-empty), stopping after
-    ``stop_id`` if given."""
+    """Yield up to ``max_tokens`` sampled ids after ``prompt_ids`` (must be non-empty), stopping after one of
+    ``stop_ids`` (which is yielded too, as the server counts it)."""
     if len(prompt_ids) == 0:
         raise InvalidInputError("prompt must hold at least one token")
     if max_tokens < 0:
@@ -42,7 +42,7 @@ def generate_ids(
         if counts is not None:
             counts[token] += 1
         yield token
-        if token == stop_id:
+        if token in stop_ids:
             return
         logits, state = model(torch.tensor([[token]], dtype=torch.int64), state)
 
@@ -54,13 +54,17 @@ def generate_text(
     max_tokens: int,
     params: SamplingParams,
     seed: int,
+    stop_ids: frozenset[int] = frozenset(),
 ) -> Iterator[str]:
     """Text pieces of the continuation of ``prompt``, one per token. An empty prompt starts from the
-    tokenizer's start token (a line break), as every text in the corpus does."""
+    tokenizer's start token (a line break), as every text in the corpus does. A stop token ends it, its text not
+    returned (as the server's ``stop_token_ids``)."""
     prompt_ids = tokenizer.encode(prompt) if prompt else np.array([tokenizer.start_id], dtype=np.int64)
     if len(prompt_ids) == 0:  # e.g. a word-level prompt of only spaces
         prompt_ids = np.array([tokenizer.start_id], dtype=np.int64)
     previous = int(prompt_ids[-1]) if prompt else None
-    for token in generate_ids(model, prompt_ids, max_tokens, params, seed):
+    for token in generate_ids(model, prompt_ids, max_tokens, params, seed, stop_ids):
+        if token in stop_ids:
+            return
         yield tokenizer.pieces([token], previous)[0]
         previous = token
