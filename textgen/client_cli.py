@@ -30,13 +30,7 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
         "--timeout",
         type=float,
         default=None,
-        help="deadline per call in seconds; with --failover, for the whole generation (default: none)",
-    )
-    g.add_argument(
-        "--failover",
-        action="store_true",
-        help="if the replica generating fails, continue on another one with exactly the same text (fixes a random "
-        "seed when none is given; not for --session)",
+        help="deadline per call in seconds (generate --failover: for the whole generation; default: none)",
     )
 
 
@@ -64,6 +58,12 @@ def register(commands: Any) -> None:
     p.add_argument("--logprobs", action="store_true", help="print each token's log-probability to stderr")
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
     add_control_flags(p)
+    p.add_argument(
+        "--failover",
+        action="store_true",
+        help="if the replica generating fails, continue on another one with exactly the same text (fixes a random "
+        "seed when none is given; not for --session)",
+    )
     _connection_flags(p)
     p.set_defaults(handler=_generate)
 
