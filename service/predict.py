@@ -4,9 +4,10 @@ the context for the next keystrokes. The search itself is ``service.word_search`
 Why not through the engine: a keyboard needs its answer within about 20 ms of a key press, and a word search is a
 chain of up to ``max_word_chars`` dependent graph calls. Interleaved with the engine's steps, each of them would
 wait for a whole step of everyone else's work (a 512-token prompt chunk, a decode batch of 64), so the search would
-take its length times the step time under load. Here each model has one worker thread that runs a call's context
-and search back to back on host states (a few KB per beam, ``ServedModel.run``): a call holds no batch slot and no
-device-resident state, so it never takes a slot a stream needs, and at most one call per model runs at a time (it
+take its length times the step time under load. Here each model has one worker thread (``service.workers``,
+shared with beam search) that runs a call's context and search back to back on host states (a few KB per beam,
+``ServedModel.run``): a call holds no batch slot and no device-resident state, so it never takes a slot a stream
+needs, and at most one call per model runs at a time (it
 competes with the engine for the cores like one more stream does; ONNX Runtime serialises runs itself where a
 provider cannot run them concurrently, as under CUDA graphs). Calls wait in a queue of at most ``max_queue``
 (beyond: RESOURCE_EXHAUSTED); the prompt limit, deadlines (checked before every graph call) and cancellation hold
@@ -19,9 +20,6 @@ new context only when the call succeeds (``commit``); a cancelled or expired cal
 
 from __future__ import annotations
 
-import asyncio
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,14 +29,8 @@ from service.context import Context
 from service.models import ServedModel, State
 from service.sessions import Session
 from service.word_search import Found, Vocabulary, log_softmax, search_words, top_tokens
-from textgen.errors import (
-    CancelledError,
-    DeadlineExceededError,
-    InvalidInputError,
-    OverloadedError,
-    TextgenError,
-    UnavailableError,
-)
+from service.workers import Job, ModelWorkers, run_context
+from textgen.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from service.app import App
@@ -83,33 +75,31 @@ class Predicted:
     ended: bool = False
 
 
-class _Job:
+class _Job(Job):
     """One call's model work, run on its model's worker thread."""
 
+    what = "predicting"
+
     def __init__(
-        self, model: ServedModel, state: State, feed: np.ndarray, words: bool, n: int, max_chars: int, chunk: int
+        self,
+        model: ServedModel,
+        vocab: Vocabulary,
+        state: State,
+        feed: np.ndarray,
+        words: bool,
+        n: int,
+        max_chars: int,
+        chunk: int,
     ) -> None:
-        self.model, self.state, self.feed = model, state, feed
+        super().__init__(model)
+        self.vocab, self.state, self.feed = vocab, state, feed
         self.words, self.n, self.max_chars, self.chunk = words, n, max_chars, chunk
-        self.deadline: float | None = None
-        self.cancel_reason: TextgenError | None = None  # set from the event loop; read between graph calls
 
-    def check(self) -> None:
-        if self.cancel_reason is not None:
-            raise self.cancel_reason
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            raise DeadlineExceededError("deadline exceeded while predicting")
-
-    def run(self, vocab: Vocabulary) -> tuple[list[Found], State]:
+    def run(self) -> tuple[list[Found], State]:
         """The predictions, and the state after all of ``feed`` but its last token."""
-        state, head = self.state, self.feed[:-1]
-        nowhere = np.zeros(0, np.int64)  # no logits wanted: the output projection is skipped (half a word model's call)
-        for start in range(0, head.size, self.chunk):  # in chunks, so a long context stops soon when cancelled
-            self.check()
-            _, state = self.model.run(head[None, start : start + self.chunk], nowhere, state)
-        self.check()
-        logits, after_last = self.model.run(self.feed[None, -1:], np.zeros(1, np.int64), state)
-        row = log_softmax(logits[:, 0])[0]
+        vocab = self.vocab
+        logits, state, after_last = run_context(self.model, self.state, self.feed, self.chunk, self.check)
+        row = log_softmax(logits)[0]
         if self.words and vocab.char:
             allow_empty = not vocab.ends_word(int(self.feed[-1]))
             found = search_words(self.model, vocab, row, after_last, self.n, self.max_chars, allow_empty, self.check)
@@ -124,20 +114,14 @@ class Predictor:
     def __init__(self, app: App) -> None:
         self.app = app
         self._vocab = {m.name: Vocabulary(m) for m in app.registry}
-        self._workers = {
-            m.name: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"predict-{m.name}") for m in app.registry
-        }
-        self._jobs: dict[str, set[_Job]] = {m.name: set() for m in app.registry}  # queued or running
+        self.workers = ModelWorkers(app)  # shared with beam search (service/beam_generate.py)
 
     @property
     def idle(self) -> bool:
-        return not any(self._jobs.values())
+        return self.workers.idle
 
     def stop(self) -> None:
-        for name, worker in self._workers.items():
-            for job in list(self._jobs[name]):
-                job.cancel_reason = CancelledError("the server is shutting down")
-            worker.shutdown(wait=False, cancel_futures=True)
+        self.workers.stop()
 
     def _limits(self, spec: PredictSpec) -> tuple[int, int, bool | None]:
         """num_predictions, max_word_chars and whether words were asked for (None: the model's default)."""
@@ -174,6 +158,7 @@ class Predictor:
             feed = App._feed(model, ctx, ids)
             job = _Job(
                 model,
+                self._vocab[model.name],
                 ctx.state,
                 feed,
                 vocab_words(self._vocab[model.name], words),
@@ -181,9 +166,7 @@ class Predictor:
                 max_chars,
                 app.settings.prefill_chunk_tokens,
             )
-            if time_remaining is not None:
-                job.deadline = time.monotonic() + time_remaining
-            found, state = await self._submit(job)
+            found, state = await self.workers.submit(job, time_remaining)
             if ids.size or ctx.pending >= 0:  # else nothing was fed but a text's start: the context stays fresh
                 ctx.state, ctx.pending = state, int(feed[-1])
                 ctx.token_count += feed.size - 1
@@ -198,35 +181,6 @@ class Predictor:
                 app.sessions.release(session)
             raise
         return Predicted(model, predictions, ctx, int(ids.size), snapshot, session)
-
-    async def _submit(self, job: _Job) -> tuple[list[Found], State]:
-        name = job.model.name
-        jobs = self._jobs[name]
-        if len(jobs) > self.app.settings.max_queue:
-            raise OverloadedError(f"model {name}: Predict queue full ({len(jobs)} calls waiting); retry later")
-        if self.app.draining:
-            raise UnavailableError("server is shutting down; retry on another replica")
-        vocab = self._vocab[name]
-
-        def run() -> tuple[list[Found], State]:
-            try:
-                return job.run(vocab)
-            finally:
-                jobs.discard(job)  # only once the worker is done with it: ``idle`` means no model work left
-
-        jobs.add(job)
-        try:
-            future = self._workers[name].submit(run)
-        except RuntimeError:  # shut down
-            jobs.discard(job)
-            raise CancelledError("the server is shutting down") from None
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            job.cancel_reason = CancelledError("the client cancelled or disconnected")
-            if future.cancel():  # never started: nothing will discard it
-                jobs.discard(job)
-            raise
 
     def commit(self, done: Predicted) -> None:
         """The reply is about to go out: the session takes the new context."""

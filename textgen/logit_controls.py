@@ -1,10 +1,13 @@
-"""Steps 2 to 4 of the sampling rule (``textgen.sampling``): presence and frequency penalties, logit bias and
-excluded (banned, or not allowed) tokens, on the logits of the rows that ask, before temperature.
+"""Steps 1 to 4 of the sampling rule (``textgen.sampling``): the repetition penalty, presence and frequency
+penalties, logit bias and excluded (banned, or not allowed) tokens, on the logits of the rows that ask, before
+temperature.
 
-A row that asks for none of them costs nothing here. The others cost one vectorised pass per kind: a dense
-penalty over their count rows (a count of 0 subtracts exactly 0), one flat scatter for every row's biases and
-one for every row's banned ids, and a minimum with a ceiling row for each row with an allowed list (built once
-per request and vocabulary size, applied with a branch-free minimum)."""
+A row that asks for none of them costs nothing here. The others cost one vectorised pass per kind: one masked
+gather and scatter for the repetition penalty, a dense penalty over their count rows (a count of 0 subtracts
+exactly 0), one flat scatter for every row's biases and one for every row's banned ids, and a minimum with a
+ceiling row for each row with an allowed list (built once per request and vocabulary size, applied with a
+branch-free minimum). ``controlled_logits`` applies all four to
+one request's rows (beam search ranks what it returns)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
 
 MAX_BIAS = 100.0  # |bias| at most this (OpenAI's range): -100 all but bans a token, +100 all but forces it
 _NINF = np.float32(-np.inf)
+_TINY = float(np.finfo(np.float32).tiny)
 
 
 def check_controls(sp: SamplingParams) -> None:
@@ -85,6 +89,33 @@ class LogitControls:
         return ceiling
 
 
+def parameter32(parameter: float) -> np.float32:
+    """A temperature or penalty as it meets the logits: float32, at least float32's smallest normal number (one
+    that rounded to 0 would turn a logit of 0, or of -inf, into NaN)."""
+    return np.float32(max(parameter, _TINY))
+
+
+def repetition_penalty(
+    x: np.ndarray, params: Sequence[SamplingParams], seen: np.ndarray | Sequence[np.ndarray]
+) -> None:
+    """The repetition penalty, in place, on the seen tokens of the rows that ask for it: one masked gather and
+    scatter for the batch (the per-row loop it replaces cost more than the arithmetic)."""
+    penalty = [sp.repetition_penalty for sp in params]
+    if all(v == 1.0 for v in penalty):
+        return
+    mask = np.asarray(seen, dtype=bool)
+    if 1.0 in penalty:  # rows without a penalty leave their seen tokens alone
+        mask = mask & (np.array(penalty) != 1.0)[:, None]
+    hit = x[mask]
+    factors = {v for v in penalty if v != 1.0}
+    by: np.ndarray | np.float32 = (
+        parameter32(factors.pop())
+        if len(factors) == 1
+        else np.broadcast_to(np.array([parameter32(v) for v in penalty])[:, None], x.shape)[mask]
+    )
+    x[mask] = np.where(hit > 0, hit / by, hit * by)
+
+
 def adjust(
     x: np.ndarray,
     params: Sequence[SamplingParams],
@@ -128,6 +159,22 @@ def adjust(
         flat[np.concatenate(banned)] = _NINF
     for i, ceiling in ceilings:
         np.minimum(x[i], ceiling, out=x[i])
+
+
+def controlled_logits(
+    logits: np.ndarray, params: SamplingParams, seen: np.ndarray | None = None, counts: np.ndarray | None = None
+) -> np.ndarray:
+    """Rule steps 1 to 4 on every row of ``logits`` [rows, vocab] under one request's ``params``: a float32 copy,
+    the logits as the sampler has them before temperature. ``seen`` and ``counts`` per row, as ``sample_batch``
+    takes them."""
+    x = np.array(logits, dtype=np.float32)
+    rows = [params] * x.shape[0]
+    with np.errstate(over="ignore"):  # a tiny repetition penalty may overflow a logit to +-inf (rule step 6)
+        if seen is not None:
+            repetition_penalty(x, rows, seen)
+        if params.adjusts:
+            adjust(x, rows, list(range(x.shape[0])), counts)
+    return x
 
 
 def exclude_row(row: np.ndarray, sp: SamplingParams) -> None:

@@ -53,11 +53,18 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from textgen.errors import InvalidInputError
-from textgen.logit_controls import LogitControls, adjust, check_controls, exclude_row, greedy_fallback
+from textgen.logit_controls import (
+    LogitControls,
+    adjust,
+    check_controls,
+    exclude_row,
+    greedy_fallback,
+    parameter32,
+    repetition_penalty,
+)
 
 BLOCK = 256  # tokens per block of the pick: the CDF is a few dozen block sums plus one block's running sum
 CANDIDATES = 1024  # first top_p candidate set: the nucleus of most rows, grown for the rows it does not hold
-_TINY = float(np.finfo(np.float32).tiny)
 ROW_SORT = 512  # top_p on a single row up to this size: one stable argsort (cheaper below, dearer above)
 
 
@@ -124,6 +131,11 @@ def random_seed() -> int:
     return int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
 
 
+def candidate_seed(seed: int, index: int) -> int:
+    """The seed of candidate ``index`` (GenerateRequest.n) of a request whose seed is ``seed``: ``seed`` for 0."""
+    return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1, np.uint64)[0]) if index else seed
+
+
 def sample_token(
     logits: np.ndarray,
     params: SamplingParams,
@@ -170,7 +182,7 @@ def _sample_batch(
     x = np.array(logits, dtype=np.float32)  # a copy: filtered in place below
     batch, vocab = x.shape
     if seen is not None:
-        _penalise(x, params, seen)
+        repetition_penalty(x, params, seen)
     controlled = [i for i, sp in enumerate(params) if sp.controlled]  # rows without controls pay only this pass
     adjusted = [i for i in controlled if params[i].adjusts]
     if adjusted:
@@ -188,9 +200,9 @@ def _sample_batch(
     n = len(params)
     temperature = {sp.temperature for sp in params}
     if len(temperature) > 1:  # dividing by 1 changes nothing: rows at 1 may share the pass
-        x /= np.array([_float32(sp.temperature) for sp in params], np.float32)[:, None]
+        x /= np.array([parameter32(sp.temperature) for sp in params], np.float32)[:, None]
     elif temperature != {1.0}:
-        x /= _float32(temperature.pop())
+        x /= parameter32(temperature.pop())
     peak = np.maximum.reduce(x, axis=1)
     if not all(map(math.isfinite, peak.tolist())):  # (cheaper than np.isfinite(...).all() on a few rows)
         for i in np.flatnonzero(~np.isfinite(peak)):
@@ -221,31 +233,6 @@ def _sample_batch(
         return picked
     out[sampled] = picked
     return out
-
-
-def _float32(parameter: float) -> np.float32:
-    """A temperature or penalty as it meets the logits: float32, at least float32's smallest normal number (one
-    that rounded to 0 would turn a logit of 0, or of -inf, into NaN)."""
-    return np.float32(max(parameter, _TINY))
-
-
-def _penalise(x: np.ndarray, params: Sequence[SamplingParams], seen: np.ndarray | Sequence[np.ndarray]) -> None:
-    """The repetition penalty, in place, on the seen tokens of the rows that ask for it: one masked gather and
-    scatter for the batch (the per-row loop it replaces cost more than the arithmetic)."""
-    penalty = [sp.repetition_penalty for sp in params]
-    if all(v == 1.0 for v in penalty):
-        return
-    mask = np.asarray(seen, dtype=bool)
-    if 1.0 in penalty:  # rows without a penalty leave their seen tokens alone
-        mask = mask & (np.array(penalty) != 1.0)[:, None]
-    hit = x[mask]
-    factors = {v for v in penalty if v != 1.0}
-    by: np.ndarray | np.float32 = (
-        _float32(factors.pop())
-        if len(factors) == 1
-        else np.broadcast_to(np.array([_float32(v) for v in penalty])[:, None], x.shape)[mask]
-    )
-    x[mask] = np.where(hit > 0, hit / by, hit * by)
 
 
 def _probabilities(x: np.ndarray, peak: np.ndarray, top_k: list[int]) -> np.ndarray:
