@@ -60,13 +60,17 @@ class Beam:
     """A finished hypothesis."""
 
     token_ids: list[int]
-    text: str
+    pieces: list[str]  # the text each token released (a stream's deltas: held-back text comes later or never)
     finish: Finish  # STOP or LENGTH
     stop: str  # the stop string that ended it, if one did
     stop_token: int  # the stop token that ended it, or -1
     score: float  # its summed log-probability as the search saw it / generated tokens ** length_penalty
     logprobs: list[TokenLogprob]  # under the model's own distribution
     state: State  # after all its tokens but the last (pending), batch 1
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
     @property
     def cumulative_logprob(self) -> float:
@@ -132,13 +136,28 @@ def beam_search(
     """The finished beams after running ``feed`` (at least one token) from ``state`` (batch 1), best first: at most
     ``num_beams``, fewer only when fewer continuations exist. ``seen``: the tokens the context has seen (bool
     [vocab], the repetition penalty's), ``feed`` included."""
-    controls = params.controls
     logits, _, state = run_context(model, state, feed, params.chunk, check)
+    return search_from(model, text, logits, state, int(feed[-1]), seen, params, check)
+
+
+def search_from(
+    model: ServedModel,
+    text: TokenText,
+    logits: np.ndarray,
+    state: State,
+    last: int,
+    seen: np.ndarray,
+    params: BeamParams,
+    check: Callable[[], None],
+) -> list[Beam]:
+    """``beam_search`` once its context has run: ``logits`` [1, vocab] after the context's last token ``last``,
+    ``state`` after it."""
+    controls = params.controls
     vocab = logits.shape[-1]
     beams = _Running(
         [None],
         np.zeros(1),
-        [int(feed[-1])],
+        [last],
         [StopMatcher(list(params.stops))] if params.stops else None,
         seen[None].copy() if controls.repetition_penalty != 1.0 else None,
         np.zeros((1, vocab), np.float32) if controls.penalises else None,
@@ -147,10 +166,10 @@ def beam_search(
     for length in range(1, params.max_tokens + 1):
         adjusted = controlled_logits(logits, controls, beams.seen, beams.counts)
         totals = beams.sums[:, None] + _log_probs(adjusted)
-        last = length == params.max_tokens
-        beams, rows, tokens = _step(beams, totals, logits, state, kept, text, params, length, last)
+        final = length == params.max_tokens
+        beams, rows, tokens = _step(beams, totals, logits, state, kept, text, params, length, final)
         parents = tuple(s[:, rows, :] for s in state)  # each new beam's state before its last token
-        if last:
+        if final:
             for i, node in enumerate(beams.nodes):
                 assert node is not None
                 score = float(beams.sums[i]) / length**params.length_penalty
@@ -165,7 +184,7 @@ def beam_search(
         check()
         out, state = model.run(np.asarray(tokens, np.int64)[:, None], np.zeros(1, np.int64), parents)
         logits = out[:, 0]
-    return [_finished(h, text, params, int(feed[-1])) for h in kept.best]
+    return [_finished(h, text, params, last) for h in kept.best]
 
 
 def _step(
@@ -297,22 +316,27 @@ def _finished(hyp: _Hypothesis, text: TokenText, params: BeamParams, before: int
         node = node.parent
     nodes.reverse()
     tokens = [n.token for n in nodes]
-    said, stop = _text(tokens, text, params, before, hyp.stop_token >= 0)
-    return Beam(tokens, said, hyp.finish, stop, hyp.stop_token, hyp.score, [n.logprob for n in nodes], hyp.state)
+    pieces, stop = _pieces(tokens, text, params, before, hyp.stop_token >= 0)
+    return Beam(tokens, pieces, hyp.finish, stop, hyp.stop_token, hyp.score, [n.logprob for n in nodes], hyp.state)
 
 
-def _text(tokens: list[int], text: TokenText, params: BeamParams, before: int, stop_token: bool) -> tuple[str, str]:
-    """A beam's text and the stop string that ended it (as ``service.output`` sends a stream's): the tokens'
-    pieces through a stop matcher; a stop token's own text is not sent, held-back text is."""
+def _pieces(
+    tokens: list[int], text: TokenText, params: BeamParams, before: int, stop_token: bool
+) -> tuple[list[str], str]:
+    """The text each of a beam's tokens releases and the stop string that ended it, as ``service.output`` streams
+    them: the tokens' pieces through a stop matcher; a stop token's own text is not sent, held-back text is (with
+    the stop token, or with the last token at max_tokens)."""
     matcher = StopMatcher(list(params.stops))
-    parts = []
+    pieces = []
     previous = before
-    body = tokens[:-1] if stop_token else tokens
-    for token in body:
+    for token in tokens[:-1] if stop_token else tokens:
         piece, stop = matcher.push(text.piece(token, previous))
-        parts.append(piece)
+        pieces.append(piece)
         previous = token
         if stop is not None:
-            return "".join(parts), stop
-    parts.append(matcher.flush())
-    return "".join(parts), ""
+            return pieces, stop
+    if stop_token:
+        pieces.append(matcher.flush())
+    else:
+        pieces[-1] += matcher.flush()
+    return pieces, ""

@@ -127,6 +127,7 @@ def test_stop_strings_and_tokens_end_beams_and_never_show(model: ServedModel) ->
     assert len(beams) == 4
     for b in beams:
         assert b.finish is Finish.STOP and b.stop == "o" and "o" not in b.text
+        assert len(b.pieces) == len(b.token_ids)  # one stream delta per token
         assert "".join(model.tokenizer.piece(t, None) for t in b.token_ids) == b.text + "o"
     stop = _id(model, " ")
     beams = _search(model, num_beams=3, max_tokens=30, stop_ids=frozenset({stop}), early_stopping=True)
