@@ -53,14 +53,15 @@ class ModelWorkers:
             m.name: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-work-{m.name}") for m in app.registry
         }
         self._jobs: dict[str, set[Job]] = {m.name: set() for m in app.registry}  # queued or running
+        self._running: dict[str, Job | None] = {m.name: None for m in app.registry}
 
     @property
     def idle(self) -> bool:
         return not any(self._jobs.values())
 
-    def jobs(self, model: str) -> int:
-        """Jobs of ``model`` queued or running."""
-        return len(self._jobs[model])
+    def running(self, model: str) -> Job | None:
+        """The job ``model``'s worker runs now, if any."""
+        return self._running[model]
 
     def stop(self) -> None:
         for name, worker in self._workers.items():
@@ -80,9 +81,11 @@ class ModelWorkers:
             job.deadline = time.monotonic() + time_remaining
 
         def run() -> Any:
+            self._running[name] = job
             try:
                 return job.run()
             finally:
+                self._running[name] = None
                 jobs.discard(job)  # only once the worker is done with it: ``idle`` means no model work left
 
         jobs.add(job)
