@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service import resume, validation
+from service import generation, resume, validation
 from service.context import Context
 from service.engine import Engine
+from service.generation import Generation, Outcome, Output
 from service.metrics import Metrics
 from service.models import ModelRegistry, ServedModel
 from service.predict import Predictor
@@ -73,32 +74,6 @@ class GenerateSpec:
     regex: str = ""  # constrained decoding: a pattern, or
     choices: Ids[str] = ()  # a list of texts
     principal: str = ""  # who is calling (service/principals.py): a session is used only by its owner
-
-
-@dataclass
-class Generation:
-    """A running generate call: its sequence and what must happen when it ends."""
-
-    seq: Sequence
-    engine: Engine
-    spec: GenerateSpec
-    session: Session | None = None
-    ended: bool = False
-    committed: bool = False
-    settled: asyncio.Future[None] | None = None  # set while the final message is delivered (sessions only)
-
-    @property
-    def model(self) -> ServedModel:
-        return self.engine.model
-
-
-@dataclass
-class Outcome:
-    """A finished generation as the transport reports it."""
-
-    result: Result
-    snapshot: bytes = b""
-    session_id: str = ""
 
 
 @dataclass
@@ -201,10 +176,14 @@ class App:
         loop: asyncio.AbstractEventLoop,
         time_remaining: float | None = None,
     ) -> Generation:
-        """Validate ``spec`` and queue its sequence; every validation error names its field."""
+        """Validate ``spec`` and queue its sequence (with n > 1, its candidates'); every validation error names its
+        field."""
         params = validation.sampling_params(spec, self.settings)
         max_tokens = validation.max_tokens(self.settings, spec.max_tokens)
         stops = validation.stop_strings(self.settings, spec.stop)
+        n = generation.candidates(self.settings, spec.n)
+        if spec.resume is not None and n > 1:
+            raise InvalidInputError("resume: not with n > 1 (resume each candidate as an n = 1 request with its seed)")
         if spec.resume is not None and spec.session_id:
             raise InvalidInputError(
                 "resume: a session's stream cannot be resumed (the session lives on the replica that holds it); "
@@ -236,17 +215,20 @@ class App:
                 stop_ids=stop_ids,
                 deadline=None if time_remaining is None else time.monotonic() + time_remaining,
                 loop=loop,
-                keep_context=session is not None or spec.return_snapshot,  # else its state row stays on the device
+                # else its state row stays on the device (n > 1 never changes a session)
+                keep_context=(session is not None and n == 1) or spec.return_snapshot,
                 token_ids=spec.return_token_ids,
+                sum_logprobs=n > 1,
             )
             if replay is not None:
                 resume.apply(seq, replay)
+            seq.followers = generation.followers(seq, n)
             engine.submit(seq)
         except BaseException:
             if session is not None:
                 self.sessions.release(session)
             raise
-        return Generation(seq, engine, spec, session)
+        return Generation([seq, *seq.followers], engine, spec, session)
 
     async def _replay(
         self,
@@ -292,24 +274,28 @@ class App:
             if result is not None:
                 return
 
-    def outcome(self, gen: Generation) -> Outcome:
-        """The finished generation as its final message reports it (a snapshot when asked). Nothing changes on
-        the server until ``commit``, after that message is delivered."""
-        result = gen.seq.result
+    def outputs(self, gen: Generation) -> AsyncIterator[list[Output]]:
+        """The generation's output as it comes, as per-candidate items (``service.generation.follow``)."""
+        return generation.follow(gen.seqs, gen.engine.wake)
+
+    def outcome(self, gen: Generation, out: Output | None = None) -> Outcome:
+        """A finished candidate (``out``; None: candidate 0) as its final message reports it (a snapshot when
+        asked). Nothing changes on the server until ``commit``, after the last final message is delivered."""
+        index, result = (0, gen.seq.result) if out is None else (out.index, out.result)
         assert result is not None
-        if gen.session is not None and result.context is not None:
+        gen.reported += 1
+        if gen.session is not None and gen.reported == gen.n and (result.context is not None or gen.n > 1):
             gen.settled = asyncio.get_running_loop().create_future()
             self._settling[gen.session.id] = gen.settled
         snapshot = self.snapshots.dump(result.context) if gen.spec.return_snapshot and result.context else b""
-        return Outcome(result, snapshot, gen.session.id if gen.session else "")
+        return Outcome(result, snapshot, gen.session.id if gen.session else "", index)
 
     def commit(self, gen: Generation) -> None:
-        """The final message was delivered: the session takes the generation's context. Only then, so a call
-        that is cancelled or times out, however late, never changes its session."""
-        result = gen.seq.result
-        if gen.ended or result is None or result.error is not None:
+        """The final messages were delivered: the session takes the generation's context (n = 1 only). Only then,
+        so a call that is cancelled or times out, however late, never changes its session."""
+        if gen.ended or any(s.result is None or s.result.error is not None for s in gen.seqs):
             return
-        gen.committed = True
+        gen.committed = gen.n == 1
         self.end_generation(gen)
 
     def end_generation(self, gen: Generation) -> None:
@@ -319,8 +305,10 @@ class App:
             return
         gen.ended = True
         result = gen.seq.result
-        if result is None:
-            gen.seq.cancel(CancelledError("the client cancelled or disconnected"))
+        running = [s for s in gen.seqs if s.result is None]
+        for seq in running:
+            seq.cancel(CancelledError("the client cancelled or disconnected"))
+        if running:
             gen.engine.wake()
         if gen.session is not None:
             self.sessions.release(gen.session, result.context if gen.committed and result is not None else None)
@@ -349,7 +337,7 @@ class App:
         )
         engine = self.engines[model.name]
         engine.submit(seq)
-        gen = Generation(seq, engine, GenerateSpec())
+        gen = Generation([seq], engine, GenerateSpec())
         try:
             async for _, result in self.follow(gen):
                 if result is not None:

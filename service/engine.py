@@ -10,6 +10,11 @@ never stalls running streams for long; advance every decoding sequence by one to
 graph call that names their state slots; sample all rows in one vectorised pass with each request's own
 generator; hand the tokens to the output processor and wake the transport once.
 
+A request with n candidates runs its prompt once, as its first candidate (the leader); when the prompt is done each
+other candidate gets a host copy of the leader's state row and its last logits row, queues for a slot of its own at
+the front of the queue and samples its first token from that row, then runs like any other sequence. A leader that
+ends before that (cancelled, expired, failed, shut down) ends its candidates the same way.
+
 The engine thread is the only writer of a running sequence; the transport (the asyncio thread) only drains its
 outbox and may set its cancel flag, both safe without a lock."""
 
@@ -100,7 +105,8 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        return len(self.scheduler.waiting)
+        """Sequences waiting for a slot: queued requests, and the candidates waiting for their leader's prompt."""
+        return len(self.scheduler.waiting) + self.scheduler.unforked
 
     @property
     def idle(self) -> bool:
@@ -170,6 +176,12 @@ class Engine:
     def _run_prefill(self) -> list[tuple[Sequence, np.ndarray]]:
         """Run this step's prompt chunks; return the sequences whose prompt is done, with their last logits row."""
         ready = []
+        forked = self.scheduler.forked
+        if forked:  # candidates placed this step: their first token comes from their leader's last logits row
+            ready = [(s, s.first_logits) for s in forked]
+            for s in forked:
+                s.first_logits = None
+            forked.clear()
         for (n, score), seqs in self.scheduler.plan_prefill().items():
             for batch in ([s] for s in seqs) if score else [seqs]:
                 ready.extend(self._prefill_chunk(batch, n))
@@ -198,11 +210,25 @@ class Engine:
                     self._finish(seq, finish=Finish.LENGTH)
                 else:
                     seq.context.token_count += seq.feed.size
+                    if seq.followers:
+                        self._fork(seq, logits[i, -1])
                     if seq.resume_token >= 0:
                         self._rejoin(seq)
                     else:
                         ready.append((seq, logits[i, -1]))
         return ready
+
+    def _fork(self, leader: Sequence, row: np.ndarray) -> None:
+        """The leader's prompt has run: its candidates take its state (one host copy, shared: a slot's state is
+        copied in when it is placed) and its last logits row, and queue for slots at the front of the queue."""
+        state = self.state.take([leader.slot])
+        row = row.copy()  # only this row of the chunk's logits is kept
+        followers, leader.followers = leader.followers, []
+        for f in followers:
+            f.own_state, f.first_logits, f.fed = state, row, f.feed.size
+            f.context.token_count = leader.context.token_count
+            f.prompt_seconds = leader.prompt_seconds
+        self.scheduler.fork(followers)
 
     def _rejoin(self, seq: Sequence) -> None:
         """A resumed stream's context has run: it stands where its interrupted stream stood, with the last token
@@ -262,3 +288,8 @@ class Engine:
         seq.result = seq.ending(finish, stop, error, ctx)
         self.observer.finished(seq)
         self._wakes.add(seq)
+        if seq.followers:  # it ended before its prompt had run: so do the candidates that were to share it
+            followers, seq.followers = seq.followers, []
+            self.scheduler.drop_followers(len(followers))
+            for f in followers:
+                self._finish(f, finish=finish, stop=stop, error=error)

@@ -89,6 +89,8 @@ def completion_of(model: ServedModel, outcome: Outcome) -> pb.Completion:
         stop_token_id=r.stop_token if r.stop_token >= 0 else None,
         snapshot=outcome.snapshot,
         session_id=outcome.session_id,
+        index=outcome.index,
+        cumulative_logprob=r.cumulative_logprob,
     )
 
 

@@ -56,11 +56,13 @@ class OutputProcessor:
     def emit(self, rows: list[Sequence], tokens: np.ndarray, logits: np.ndarray) -> list[Done]:
         """Hand each row its sampled token; return the rows that are done."""
         interval = self.stream_interval(len(rows))
-        wanted = [i for i, s in enumerate(rows) if s.logprobs]
+        wanted = [i for i, s in enumerate(rows) if s.tracks_logprob]
         chosen = {}
         tops: dict[int, tuple[TokenLogprob, ...]] = {}
-        if wanted:  # a softmax over the rows that asked, none otherwise
+        if wanted:  # a softmax over the rows that report or sum log-probabilities, none otherwise
             chosen = dict(zip(wanted, token_logprobs(logits[wanted], tokens[wanted]).tolist(), strict=True))
+            for i, logprob in chosen.items():
+                rows[i].cumulative_logprob += logprob
             tops = self._alternatives(rows, wanted, logits)
         now = time.monotonic()
         text = self.text

@@ -7,6 +7,10 @@ its state row is copied out and its slot freed (``max_batch_size`` counts only s
 reader makes room it queues for a slot again, in order of readiness with waiting requests, so streams that keep
 pausing cannot jump the queue. A pause longer than ``max_pause_seconds`` ends it (SLOW_READER).
 
+The candidates of a request with n > 1 share its prompt: only the first (the leader) queues and runs it; the
+others follow it and, once it has run, queue at the front for slots of their own (``fork``). All n count against
+the queue from the moment the request is submitted, so a request can never hold more than the queue has room for.
+
 ``submit`` is called from the transport; everything else runs on the engine thread."""
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()  # guarded by cond
         self.prefill: list[Sequence] = []
         self.decode: list[Sequence] = []  # includes paused sequences
+        self.forked: list[Sequence] = []  # candidates placed this step whose shared prompt has run: they sample next
+        self.unforked = 0  # candidates waiting for their leader's prompt (guarded by cond)
         self.admitted = 0  # sequences holding a batch slot
         # Sequences admitted and not finished (paused ones included), by id: a failed step ends each, wherever it was.
         self.live: dict[int, Sequence] = {}
@@ -56,17 +62,19 @@ class Scheduler:
             if self.draining:
                 raise UnavailableError("server is shutting down; retry on another replica")
             free = max(0, self.max_batch - self.admitted)
-            if len(self.waiting) + self.ready >= self.max_queue + free:  # paused streams queue for slots too
+            need = 1 + len(seq.followers)  # (a request's candidates: GenerateRequest.n)
+            if len(self.waiting) + self.unforked + self.ready + need > self.max_queue + free:  # paused streams too
                 raise OverloadedError(
-                    f"model {self.name}: request queue full ({len(self.waiting)} waiting, "
-                    f"{self.admitted} running); retry later"
+                    f"model {self.name}: request queue full ({len(self.waiting) + self.unforked} waiting, "
+                    f"{self.admitted} running{f'; this request needs {need}' if need > 1 else ''}); retry later"
                 )
             self.waiting.append(seq)
+            self.unforked += need - 1
             self.cond.notify()
 
     # -- the engine thread's side --------------------------------------------------------------------------------
     def runnable(self) -> bool:
-        return bool(self.waiting) or bool(self.prefill) or any(not s.paused for s in self.decode)
+        return bool(self.waiting or self.prefill or self.forked) or any(not s.paused for s in self.decode)
 
     def place(self, seq: Sequence) -> None:
         """Copy an admitted sequence's state into a slot (outside ``cond``: a graph call, a device copy on a
@@ -74,8 +82,22 @@ class Scheduler:
         seq.slot = self.state.acquire(seq.own_state)
         seq.own_state = ()
         seq.holds_slot = True
-        if seq.phase is Phase.PREFILL:
+        if seq.first_logits is not None:  # a candidate whose shared prompt has run
+            self.forked.append(seq)
+        elif seq.phase is Phase.PREFILL:
             self.prefill.append(seq)
+
+    def fork(self, followers: list[Sequence]) -> None:
+        """Their leader's prompt has run and each holds a copy of its state: they queue for slots of their own,
+        ahead of every waiting request (they were counted against the queue when the request came)."""
+        with self.cond:
+            self.waiting.extendleft(reversed(followers))
+            self.unforked -= len(followers)
+
+    def drop_followers(self, count: int) -> None:
+        """``count`` candidates end with their leader, before its prompt ran."""
+        with self.cond:
+            self.unforked -= count
 
     def release_slot(self, seq: Sequence, keep_state: bool) -> None:
         """Free the slot of ``seq`` (if it holds one), first copying its state row out when it will need it."""
@@ -174,6 +196,8 @@ class Scheduler:
             self.prefill.remove(seq)
         if seq in self.decode:
             self.decode.remove(seq)
+        if seq in self.forked:
+            self.forked.remove(seq)
         if seq.phase is Phase.WAITING:
             with self.cond:
                 if seq in self.waiting:
@@ -185,6 +209,7 @@ class Scheduler:
     def leftovers(self) -> list[Sequence]:
         """Everything not yet ended, taken off the queue (the engine is stopping)."""
         with self.cond:
-            out = [*self.waiting, *self.prefill, *self.decode]
+            out = [*self.waiting, *self.prefill, *self.forked, *self.decode]
             self.waiting.clear()
+            self.forked.clear()
         return out

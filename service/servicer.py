@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from grpc._cython import cygrpc
 
 from service.app import App
+from service.generation import Generation, Outcome, Output
 from service.messages import UNKNOWN_POLICY, completion_of, logprobs_of, model_info, spec_of
 from service.metrics import Call
 from service.predict_messages import predict_reply, predict_spec_of
@@ -141,6 +142,25 @@ def add_to_server(servicer: Servicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+@dataclasses.dataclass
+class _Parts:
+    """One candidate of a unary Generate, gathered as it comes."""
+
+    text: list[str] = dataclasses.field(default_factory=list)
+    logprobs: list[pb.TokenLogprob] = dataclasses.field(default_factory=list)
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    complete: pb.Completion | None = None
+
+    def candidate(self, index: int) -> pb.Candidate:
+        return pb.Candidate(
+            index=index,
+            text="".join(self.text),
+            logprobs=self.logprobs,
+            complete=self.complete,
+            token_ids=self.token_ids,
+        )
+
+
 class Servicer(pb_grpc.TextGenerationServicer):
     def __init__(self, app: App) -> None:
         self.app = app
@@ -185,38 +205,50 @@ class Servicer(pb_grpc.TextGenerationServicer):
         if self.in_progress >= limit:
             raise OverloadedError(f"server busy: {self.in_progress} calls in progress (limit {limit}); retry later")
 
-    async def _run(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        """Yield (generation, deltas, outcome-or-None) for a generate call. The caller commits the outcome once
-        its final message is delivered; however the call ends, the generation is settled here."""
+    async def _run(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tuple[Generation, list[tuple[Output, Outcome | None]]]]:
+        """Yield (generation, items) for a generate call: at each wake-up, each candidate's new output with its
+        outcome when it ended. The caller commits once every final message is delivered; however the call ends,
+        the generation is settled here. A candidate that failed fails the call."""
         gen = await self.app.start_generation(
             spec_of(request, self._principal(context)), asyncio.get_running_loop(), context.time_remaining()
         )
         try:
-            async for deltas, result in self.app.follow(gen):
-                if result is not None and result.error is not None:
-                    raise result.error
-                yield gen, deltas, self.app.outcome(gen) if result is not None else None
+            async for outs in self.app.outputs(gen):
+                items = []
+                for out in outs:
+                    if out.result is not None and out.result.error is not None:
+                        raise out.result.error
+                    items.append((out, self.app.outcome(gen, out) if out.result is not None else None))
+                yield gen, items
         finally:
             self.app.end_generation(gen)
 
     @_rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        parts: list[str] = []
-        logprobs: list[pb.TokenLogprob] = []
-        token_ids: list[int] = []
-        async for gen, deltas, outcome in self._run(request, context):
-            parts.extend(d.text for d in deltas)
-            if request.logprobs or request.top_logprobs:  # top_logprobs implies logprobs
-                logprobs.extend(logprobs_of(deltas))
-            if request.return_token_ids:
-                token_ids.extend(d.token for d in deltas)
-            if outcome is not None:
-                reply = pb.GenerateResponse(
-                    text="".join(parts),
-                    logprobs=logprobs,
-                    complete=completion_of(gen.model, outcome),
-                    token_ids=token_ids,
-                )
+        logprobs = bool(request.logprobs or request.top_logprobs)  # top_logprobs implies logprobs
+        parts: dict[int, _Parts] = {}
+        ended = 0
+        async for gen, items in self._run(request, context):
+            for out, outcome in items:
+                got = parts.get(out.index) or parts.setdefault(out.index, _Parts())
+                got.text.extend(d.text for d in out.deltas)
+                if logprobs:
+                    got.logprobs.extend(logprobs_of(out.deltas))
+                if request.return_token_ids:
+                    got.token_ids.extend(d.token for d in out.deltas)
+                if outcome is not None:
+                    got.complete = completion_of(gen.model, outcome)
+                    ended += 1
+            if ended == gen.n:
+                if gen.multiple:
+                    reply = pb.GenerateResponse(candidates=[parts[i].candidate(i) for i in sorted(parts)])
+                else:
+                    got = parts[0]
+                    reply = pb.GenerateResponse(
+                        text="".join(got.text), logprobs=got.logprobs, complete=got.complete, token_ids=got.token_ids
+                    )
                 # No await between here and the return: a cancel can no longer reach this call, and the reply is
                 # the transport's one final write. A reply at the edge of its deadline is not sent (and changes
                 # nothing): the client's own deadline is about to fire, and it would see DEADLINE_EXCEEDED for a
@@ -229,20 +261,25 @@ class Servicer(pb_grpc.TextGenerationServicer):
 
     @_rpc
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        first = True
-        async for gen, deltas, outcome in self._run(request, context):
-            msg = pb.GenerateStreamResponse(text="".join(d.text for d in deltas))
-            if request.logprobs or request.top_logprobs:  # top_logprobs implies logprobs
-                msg.logprobs.extend(logprobs_of(deltas))
-            if request.return_token_ids:
-                msg.token_ids.extend(d.token for d in deltas)
-                if first:
-                    msg.model_version, first = gen.model.version, False
-            if outcome is not None:
-                msg.complete.CopyFrom(completion_of(gen.model, outcome))
-            await self._write(context, msg)
-            if outcome is not None:
-                self.app.commit(gen)  # the transport took the final message
+        logprobs = bool(request.logprobs or request.top_logprobs)  # top_logprobs implies logprobs
+        started: set[int] = set()  # candidates that sent their first message
+        ended = 0
+        async for gen, items in self._run(request, context):
+            for out, outcome in items:
+                msg = pb.GenerateStreamResponse(text="".join(d.text for d in out.deltas), index=out.index)
+                if logprobs:
+                    msg.logprobs.extend(logprobs_of(out.deltas))
+                if request.return_token_ids:
+                    msg.token_ids.extend(d.token for d in out.deltas)
+                    if out.index not in started:
+                        msg.model_version = gen.model.version
+                        started.add(out.index)
+                if outcome is not None:
+                    msg.complete.CopyFrom(completion_of(gen.model, outcome))
+                    ended += 1
+                await self._write(context, msg)
+                if ended == gen.n:
+                    self.app.commit(gen)  # the transport took the last final message
 
     async def _write(self, context: grpc.aio.ServicerContext, msg: pb.GenerateStreamResponse) -> None:
         """Send one stream message, waiting at most the pause limit for the client to make room (``WriteGuard``):

@@ -8,6 +8,9 @@ Several replicas (``"10.0.0.1:50051,10.0.0.2:50051"`` or ``"dns:///textgen:50051
 and with ``failover=True`` a generation whose replica fails continues on another one with exactly the text it
 would have produced (textgen/failover.py).
 
+Several candidates of one prompt (``n=4``): ``generate`` returns them in ``reply.candidates``; a stream tags each
+message with its candidate's ``index``, and ``gather`` folds its messages into the same ``Candidate`` list.
+
 Every call raises ``RemoteError`` (a ``TextgenError`` carrying the server's status code and message) on failure.
 Both clients speak the ``textgen.v1`` protocol through the generated stubs; nothing here needs torch or ONNX."""
 
@@ -17,7 +20,7 @@ import asyncio
 import ipaddress
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +97,24 @@ def generate_request(prompt: str = "", **options: Any) -> pb.GenerateRequest:
     return pb.GenerateRequest(prompt=prompt, **{k: v for k, v in options.items() if v is not None})
 
 
+def gather(messages: Iterable[pb.GenerateStreamResponse]) -> list[pb.Candidate]:
+    """A stream's messages gathered per candidate (``GenerateRequest.n``), by index: each candidate's text, log-
+    probabilities, token ids and final ``complete``, as ``Generate`` returns them in ``candidates``."""
+    parts: dict[int, tuple[list[str], pb.Candidate]] = {}
+    for msg in messages:
+        if msg.index not in parts:
+            parts[msg.index] = ([], pb.Candidate(index=msg.index))
+        text, candidate = parts[msg.index]
+        text.append(msg.text)
+        candidate.logprobs.extend(msg.logprobs)
+        candidate.token_ids.extend(msg.token_ids)
+        if msg.HasField("complete"):
+            candidate.complete.CopyFrom(msg.complete)
+    for text, candidate in parts.values():
+        candidate.text = "".join(text)
+    return [parts[i][1] for i in sorted(parts)]
+
+
 def predict_unit(unit: str) -> int:
     """The ``PredictUnit`` named "token", "word" or "" (the model's default)."""
     try:
@@ -164,7 +185,7 @@ class _Base:
 
     def generate(self, prompt: str = "", **options: Any) -> Any:
         """A ``GenerateResponse``: the whole continuation (with failover: generated again elsewhere, identically,
-        if its replica fails)."""
+        if its replica fails); with ``n`` > 1, each candidate in ``candidates`` (not failed over)."""
         retry = self._failover(generate_request(prompt, **options), stream=False)
         return self._call(self.stub.Generate, retry.request, retry=retry if retry.enabled else None)
 
@@ -250,10 +271,12 @@ class Client(_Base):
             time.sleep(delay)
 
     def stream(self, prompt: str = "", **options: Any) -> Iterator[pb.GenerateStreamResponse]:
-        """The stream's messages; the last one has ``complete`` set. Closing the iterator cancels the call. With
-        failover, a broken stream is resumed on another replica and its messages simply go on."""
+        """The stream's messages; the last one has ``complete`` set (with ``n`` > 1: each candidate's last, tagged
+        with its ``index``; ``gather`` groups them). Closing the iterator cancels the call. With failover, a broken
+        stream is resumed on another replica and its messages simply go on."""
         state = self._failover(generate_request(prompt, **options), stream=True)
         request = state.request
+        finals = max(1, request.n)  # the stream ends after every candidate's final message
         while True:
             call = self.stub.GenerateStream(request, timeout=state.timeout(self.timeout), metadata=self.metadata)
             try:
@@ -263,7 +286,8 @@ class Client(_Base):
                         yield out
                     if cut:
                         raise Interrupted(SHUT_DOWN)
-                    if msg.HasField("complete"):
+                    finals -= msg.HasField("complete")
+                    if not finals:
                         return
                 raise Interrupted()
             except (grpc.RpcError, Interrupted) as exc:
@@ -312,6 +336,7 @@ class AsyncClient(_Base):
     async def stream(self, prompt: str = "", **options: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
         state = self._failover(generate_request(prompt, **options), stream=True)
         request = state.request
+        finals = max(1, request.n)  # the stream ends after every candidate's final message
         while True:
             call = self.stub.GenerateStream(request, timeout=state.timeout(self.timeout), metadata=self.metadata)
             try:
@@ -321,7 +346,8 @@ class AsyncClient(_Base):
                         yield out
                     if cut:
                         raise Interrupted(SHUT_DOWN)
-                    if msg.HasField("complete"):
+                    finals -= msg.HasField("complete")
+                    if not finals:
                         return
                 raise Interrupted()
             except (grpc.RpcError, Interrupted) as exc:

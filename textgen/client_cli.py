@@ -54,7 +54,21 @@ def register(commands: Any) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before TEXT (repeatable)")
     p.add_argument("--session", default="", metavar="ID", help="continue this session (textgen session create)")
     p.add_argument("--snapshot-in", type=Path, metavar="FILE", help="resume from a snapshot file")
-    p.add_argument("--snapshot-out", type=Path, metavar="FILE", help="write the state after this call to FILE")
+    p.add_argument(
+        "--snapshot-out",
+        type=Path,
+        metavar="FILE",
+        help="write the state after this call to FILE (with --n, candidate i's to FILE.i)",
+    )
+    p.add_argument(
+        "--n",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N candidates of the prompt (its state is computed once), each printed after a '--- candidate I' line "
+        "once all are done, each with its own summary; candidate I is the text --seed SEED_I (its summary's seed) "
+        "gives alone (default: 1)",
+    )
     p.add_argument("--logprobs", action="store_true", help="print each token's log-probability to stderr")
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
     add_control_flags(p)
@@ -90,8 +104,10 @@ def register(commands: Any) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from textgen.v1 import textgen_pb2 as pb
+    if args.n < 0:
+        from textgen.errors import InvalidInputError
 
+        raise InvalidInputError(f"--n: {args.n} is negative")
     options = {
         "model": args.model,
         "max_tokens": args.max_tokens,
@@ -114,39 +130,75 @@ def _generate(args: argparse.Namespace) -> int:
         "banned_token_ids": args.ban_token,
         "stop_token_ids": args.stop_token,
         "top_logprobs": args.top_logprobs,
+        "n": args.n,
     }
     start = time.perf_counter()
-    complete = None
-    sys.stdout.write(args.prompt)
     with _client(args) as client:
-        for msg in client.stream(args.prompt, **options):
-            sys.stdout.write(msg.text)
-            sys.stdout.flush()
-            for lp in msg.logprobs:
-                alternatives = "".join(f"\t{a.token!r} {a.logprob:.4f}" for a in lp.top_logprobs)
-                print(f"{lp.token!r}\t{lp.logprob:.4f}{alternatives}", file=sys.stderr)
-            if msg.HasField("complete"):
-                complete = msg.complete
-    sys.stdout.write("\n")
-    assert complete is not None
-    if args.snapshot_out:
-        tmp = args.snapshot_out.with_name(args.snapshot_out.name + ".partial")
-        tmp.write_bytes(complete.snapshot)
-        tmp.replace(args.snapshot_out)
-    if not args.quiet:
-        seconds = time.perf_counter() - start
-        reason = pb.FinishReason.Name(complete.finish_reason).removeprefix("FINISH_REASON_").lower()
-        print(
-            f"[{reason}; {complete.prompt_tokens} prompt + {complete.generated_tokens} generated tokens in "
-            f"{seconds:.2f} s ({complete.generated_tokens / max(seconds, 1e-9):.0f} tokens/s); first token "
-            f"{complete.timings.first_token_seconds * 1000:.1f} ms; seed {complete.seed}; "
-            f"{complete.model}:{complete.model_version}"
-            + (f"; stop token {complete.stop_token_id}" if complete.HasField("stop_token_id") else "")
-            + (f"; session {complete.session_id}" if complete.session_id else "")
-            + "]",
-            file=sys.stderr,
-        )
+        candidates = _candidates(client, args, options) if args.n > 1 else [_streamed(client, args, options)]
+    seconds = time.perf_counter() - start
+    for c in candidates:
+        if args.snapshot_out:
+            out = args.snapshot_out
+            if args.n > 1:
+                out = out.with_name(f"{out.name}.{c.index}")
+            tmp = out.with_name(out.name + ".partial")
+            tmp.write_bytes(c.complete.snapshot)
+            tmp.replace(out)
+        if not args.quiet:
+            print(_summary(c.complete, seconds, f"candidate {c.index}: " if args.n > 1 else ""), file=sys.stderr)
     return 0
+
+
+def _print_logprobs(logprobs: Any) -> None:
+    for lp in logprobs:
+        alternatives = "".join(f"\t{a.token!r} {a.logprob:.4f}" for a in lp.top_logprobs)
+        print(f"{lp.token!r}\t{lp.logprob:.4f}{alternatives}", file=sys.stderr)
+
+
+def _streamed(client: Any, args: argparse.Namespace, options: dict[str, Any]) -> Any:
+    """One continuation, printed as it arrives; returned as a Candidate (its text not kept)."""
+    from textgen.v1 import textgen_pb2 as pb
+
+    done = pb.Candidate()
+    sys.stdout.write(args.prompt)
+    for msg in client.stream(args.prompt, **options):
+        sys.stdout.write(msg.text)
+        sys.stdout.flush()
+        _print_logprobs(msg.logprobs)
+        if msg.HasField("complete"):
+            done.complete.CopyFrom(msg.complete)
+    sys.stdout.write("\n")
+    return done
+
+
+def _candidates(client: Any, args: argparse.Namespace, options: dict[str, Any]) -> list[Any]:
+    """Several candidates, each printed whole under its header once all are done (their log-probabilities to
+    stderr under the same header)."""
+    from textgen.client import gather
+
+    candidates = gather(client.stream(args.prompt, **options))
+    for c in candidates:
+        sys.stdout.write(f"--- candidate {c.index}\n{args.prompt}{c.text}\n")
+        if c.logprobs:
+            print(f"--- candidate {c.index}", file=sys.stderr)
+            _print_logprobs(c.logprobs)
+    sys.stdout.flush()
+    return candidates
+
+
+def _summary(complete: Any, seconds: float, label: str = "") -> str:
+    from textgen.v1 import textgen_pb2 as pb
+
+    reason = pb.FinishReason.Name(complete.finish_reason).removeprefix("FINISH_REASON_").lower()
+    return (
+        f"[{label}{reason}; {complete.prompt_tokens} prompt + {complete.generated_tokens} generated tokens in "
+        f"{seconds:.2f} s ({complete.generated_tokens / max(seconds, 1e-9):.0f} tokens/s); first token "
+        f"{complete.timings.first_token_seconds * 1000:.1f} ms; seed {complete.seed}; "
+        f"{complete.model}:{complete.model_version}"
+        + (f"; stop token {complete.stop_token_id}" if complete.HasField("stop_token_id") else "")
+        + (f"; session {complete.session_id}" if complete.session_id else "")
+        + "]"
+    )
 
 
 def _score(args: argparse.Namespace) -> int:

@@ -8,12 +8,15 @@ number of characters it received and the version that produced them. The new rep
 advances the seeded generator past them and goes on from there (service/resume.py). It needs a seed, so a
 request without one gets a random seed here (reported in the final message as usual); a snapshot request
 carries its generator in the snapshot. A server-side session lives on one replica, so its streams are not
-resumed (use snapshots to carry a conversation across replicas).
+resumed (use snapshots to carry a conversation across replicas). Nor are requests for several candidates
+(``n`` > 1), which the server does not resume: they are sent as they are, and fail as they fail (resume a candidate
+as an n = 1 request with its ``Completion.seed``).
 
 A replica that shuts down past its grace period ends what it still runs with FINISH_REASON_CANCELLED: that final
 message is a cut like any other (its text goes on from another replica). The caller sees token ids and the model
 version only if it asked for them, and the client's timeout bounds the whole generation, as it would bound the
-uninterrupted stream: each resumed call gets what is left of it.
+uninterrupted stream: each resumed call gets what is left of it. A resumed call's ``cumulative_logprob`` sums only
+the tokens it generated; the client adds those of the messages received before, so the caller gets the whole sum.
 
 The state is a few dozen bytes per call plus the token ids; nothing is stored on any server."""
 
@@ -74,12 +77,14 @@ class Failover:
     enabled: bool = True
     asked_ids: bool = True  # the caller asked for token ids (and the model version) itself
     deadline: float | None = None  # time.monotonic() value: the first call's deadline, the whole generation's
+    logprob_sum: float = 0.0  # of the tokens received so far
+    logprob_before: float = 0.0  # of the tokens received before the current call (it resumed after them)
 
     @classmethod
     def prepare(cls, request: pb.GenerateRequest, stream: bool = True, enabled: bool = True) -> Failover:
         """The request as failover sends it: a stream asks for token ids, and the seed is fixed. Without failover
         (or for a session's call, which is not repeated) the request is sent as the caller made it."""
-        if not enabled or request.session_id:
+        if not enabled or request.session_id or request.n > 1:
             return cls(request, enabled=False)
         asked = request.return_token_ids
         request = pb.GenerateRequest.FromString(request.SerializeToString())  # the caller's request is not changed
@@ -106,6 +111,10 @@ class Failover:
         self.text_chars += len(msg.text)
         if msg.model_version:
             self.model_version = msg.model_version
+        for lp in msg.logprobs:
+            self.logprob_sum += lp.logprob
+        if self.logprob_before and msg.complete.HasField("cumulative_logprob"):
+            msg.complete.cumulative_logprob += self.logprob_before
         cut = self.cut_short(msg)
         if cut:
             msg.ClearField("complete")
@@ -129,6 +138,7 @@ class Failover:
         if self.deadline is not None:  # no wait past the deadline (the call then fails with DEADLINE_EXCEEDED)
             delay = min(delay, max(0.0, self.deadline - time.monotonic()))
         self.attempt += 1
+        self.logprob_before = self.logprob_sum
         request = pb.GenerateRequest.FromString(self.request.SerializeToString())
         request.resume.CopyFrom(
             pb.Resume(token_ids=self.token_ids, text_chars=self.text_chars, model_version=self.model_version)
