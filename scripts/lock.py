@@ -23,7 +23,8 @@ import tomllib
 ROOT = Path(__file__).resolve().parent.parent
 LOCK_DIR = ROOT / "deploy" / "lock"
 PYTHON_VERSION = "3.11"  # the images' python:3.11-slim
-PLATFORM = "x86_64-manylinux_2_28"  # the torch wheels' tag; any newer glibc (the slim images' Debian) runs them
+# glibc 2.31: llguidance's wheels need it (torch's need 2.28); the slim images' Debian (glibc 2.36) runs both.
+PLATFORM = "x86_64-manylinux_2_31"
 INDEX = "https://pypi.org/simple"
 TARGET = f"CPython {PYTHON_VERSION}, {PLATFORM}, {INDEX}"
 COMMAND = "make lock"

@@ -1,6 +1,6 @@
 """Steps 1 to 4 of the sampling rule (``textgen.sampling``): the repetition penalty, presence and frequency
-penalties, logit bias and excluded (banned, or not allowed) tokens, on the logits of the rows that ask, before
-temperature.
+penalties, logit bias and excluded tokens (banned, not allowed, or outside a constraint's mask), on the logits of the
+rows that ask, before temperature.
 
 A row that asks for none of them costs nothing here. The others cost one vectorised pass per kind: one masked
 gather and scatter for the repetition penalty, a dense penalty over their count rows (a count of 0 subtracts
@@ -177,16 +177,36 @@ def controlled_logits(
     return x
 
 
-def exclude_row(row: np.ndarray, sp: SamplingParams) -> None:
+def apply_masks(x: np.ndarray, masks: Sequence[np.ndarray | None]) -> list[int]:
+    """Rule step 4 for the rows with a constraint mask (a +-inf row: a branch-free minimum, as for allowed
+    tokens), in place; returns those rows."""
+    rows = [i for i, mask in enumerate(masks) if mask is not None]
+    for i in rows:
+        np.minimum(x[i], masks[i], out=x[i])
+    return rows
+
+
+def exclude_row(row: np.ndarray, sp: SamplingParams, mask: np.ndarray | None = None) -> None:
     """Excluded tokens back to -inf in one row (rule step 6, where a row's every logit was -inf)."""
     if sp.allowed_token_ids or sp.banned_token_ids:
         np.minimum(row, sp.controls(row.size).ceiling, out=row)
+    if mask is not None:
+        np.minimum(row, mask, out=row)
 
 
-def greedy_fallback(x: np.ndarray, picked: np.ndarray, params: Sequence[SamplingParams], rows: list[int]) -> None:
+def greedy_fallback(
+    x: np.ndarray,
+    picked: np.ndarray,
+    params: Sequence[SamplingParams],
+    rows: list[int],
+    masks: Sequence[np.ndarray | None] | None = None,
+) -> None:
     """Rule step 5's exception: a greedy row with exclusions whose every logit is -inf takes its lowest id not
     excluded (the arg-max would be token 0, excluded or not)."""
     for i in rows:
         sp = params[i]
-        if sp.greedy and (sp.allowed_token_ids or sp.banned_token_ids) and x[i, picked[i]] == _NINF:
-            picked[i] = int(np.argmax(sp.controls(x.shape[1]).ceiling))  # the first +inf: the first not excluded
+        mask = masks[i] if masks is not None else None
+        if sp.greedy and (sp.allowed_token_ids or sp.banned_token_ids or mask is not None) and x[i, picked[i]] == _NINF:
+            ceiling = np.full(x.shape[1], np.inf, np.float32)
+            exclude_row(ceiling, sp, mask)
+            picked[i] = int(np.argmax(ceiling))  # the first +inf: the first not excluded

@@ -11,8 +11,8 @@ top_p, min_p), as in vLLM:
    times (``c`` as float32) gets ``logit - (c * frequency_penalty + presence_penalty)`` when ``c > 0`` (the
    product and the sum rounded to float32);
 3. ``logit_bias``: the token's bias is added to its logit;
-4. banned tokens, and tokens outside ``allowed_token_ids`` when it is given, are excluded: their logit is -inf,
-   and they stay excluded in every step below;
+4. banned tokens, tokens outside ``allowed_token_ids`` when it is given, and tokens a row's constraint mask
+   excludes (GenerateRequest.regex, .choices) are excluded: their logit is -inf, and they stay so below;
 5. temperature 0 means greedy: the arg-max (the lowest id among equals; the lowest id not excluded when every
    other logit is -inf), and no random number is drawn;
 6. otherwise the logits are divided by the temperature. If the largest logit is not finite (+inf, or every
@@ -56,6 +56,7 @@ from textgen.errors import InvalidInputError
 from textgen.logit_controls import (
     LogitControls,
     adjust,
+    apply_masks,
     check_controls,
     exclude_row,
     greedy_fallback,
@@ -158,18 +159,19 @@ def sample_batch(
     rngs: Sequence[np.random.Generator],
     seen: np.ndarray | Sequence[np.ndarray] | None = None,
     counts: np.ndarray | Sequence[np.ndarray | None] | None = None,
+    masks: Sequence[np.ndarray | None] | None = None,
 ) -> np.ndarray:
     """Pick one token per row of ``logits`` (``[batch, vocab]``), each row with its own parameters and generator.
 
     ``seen`` (``[batch, vocab]`` booleans, or one such row per request) feeds the repetition penalty; ``counts``
     (``[batch, vocab]`` generated-token counts, or one row or None per request) the presence and frequency
-    penalties, and is read only for the rows that have one. Each
-    filter costs only the rows that ask for it, and works on candidate sets (``np.partition``), never on
-    fully sorted rows; the pick reads a few dozen block sums and one block, not a running sum of the row."""
+    penalties, and is read only for the rows that have one; ``masks`` (per row, None or a float32 ``[vocab]`` row
+    of +-inf) excludes where it is -inf. Each filter costs only the rows that ask for it, and works on candidate
+    sets (``np.partition``), never on fully sorted rows; the pick reads a few dozen block sums and one block."""
     # A tiny temperature or penalty may overflow logits to +-inf, which step 3 provides for: no warnings then.
     extreme = any(0.0 < sp.temperature < 1e-3 or sp.repetition_penalty < 1e-3 for sp in params)
     with np.errstate(over="ignore") if extreme else contextlib.nullcontext():
-        return _sample_batch(logits, params, rngs, seen, counts)
+        return _sample_batch(logits, params, rngs, seen, counts, masks)
 
 
 def _sample_batch(
@@ -178,6 +180,7 @@ def _sample_batch(
     rngs: Sequence[np.random.Generator],
     seen: np.ndarray | Sequence[np.ndarray] | None,
     counts: np.ndarray | Sequence[np.ndarray | None] | None = None,
+    masks: Sequence[np.ndarray | None] | None = None,
 ) -> np.ndarray:
     x = np.array(logits, dtype=np.float32)  # a copy: filtered in place below
     batch, vocab = x.shape
@@ -187,16 +190,18 @@ def _sample_batch(
     adjusted = [i for i in controlled if params[i].adjusts]
     if adjusted:
         adjust(x, params, adjusted, counts)
+    masked = apply_masks(x, masks) if masks is not None else []  # (rows without a mask: nothing)
     sampled = [i for i, sp in enumerate(params) if sp.temperature != 0.0]
     if len(sampled) < batch:
         out = np.argmax(x, axis=1)
-        if adjusted:
-            greedy_fallback(x, out, params, adjusted)
+        if adjusted or masked:
+            greedy_fallback(x, out, params, sorted({*adjusted, *masked}), masks)
         if not sampled:
             return out
         x = x[sampled]
         params = [params[i] for i in sampled]
         rngs = [rngs[i] for i in sampled]
+        masks = [masks[i] for i in sampled] if masks is not None else None
     n = len(params)
     temperature = {sp.temperature for sp in params}
     if len(temperature) > 1:  # dividing by 1 changes nothing: rows at 1 may share the pass
@@ -207,7 +212,7 @@ def _sample_batch(
     if not all(map(math.isfinite, peak.tolist())):  # (cheaper than np.isfinite(...).all() on a few rows)
         for i in np.flatnonzero(~np.isfinite(peak)):
             x[i] = np.where(x[i] == peak[i], np.float32(0), np.float32(-np.inf))
-            exclude_row(x[i], params[i])
+            exclude_row(x[i], params[i], masks[i] if masks is not None else None)
             peak[i] = 0
     p = _probabilities(x, peak, [sp.top_k if 0 < sp.top_k < vocab else 0 for sp in params])
     nucleus = [i for i, sp in enumerate(params) if sp.top_p < 1.0]
