@@ -199,7 +199,13 @@ def test_a_session_is_read_but_never_changed(live: Live) -> None:
     assert reply.candidates[0].text == live.generate("the ", session_id=twins[0], max_tokens=12).text
     reseeded = live.generate("the ", session_id=twins[1], max_tokens=12, seed=reply.candidates[2].complete.seed)
     assert reseeded.text == reply.candidates[2].text
-    # the session goes on as if the n = 3 call had never happened (as its untouched twin does)
+    for _ in range(20):  # a client that asks again the moment it reads the last final message finds it free
+        finals = 0
+        for m in live.stream("b", n=2, session_id=sid, max_tokens=2):
+            finals += m.HasField("complete")
+            if finals == 2:
+                break  # (before the call's status arrives)
+    # the session goes on as if the n > 1 calls had never happened (as its untouched twin does)
     assert (
         live.generate("a", session_id=sid, max_tokens=12).text
         == live.generate("a", session_id=twins[2], max_tokens=12).text
@@ -310,10 +316,11 @@ def test_shutdown_past_the_grace_period_cancels_every_candidate(serve: Callable[
 # -- the command line -----------------------------------------------------------------------------------------
 
 
-def test_the_cli_prints_each_candidate_under_its_header(live: Live) -> None:
-    expected = live.generate(PROMPT, n=3, seed=6, max_tokens=12).candidates
+def test_the_cli_prints_each_candidate_under_its_header(live: Live, tmp_path: Path) -> None:
+    expected = live.generate(PROMPT, n=3, seed=6, max_tokens=12, return_snapshot=True).candidates
     command = [sys.executable, "-m", "textgen.cli", "generate", "--server", f"127.0.0.1:{live.server.port}"]
     command += ["--prompt", PROMPT, "--n", "3", "--seed", "6", "--max-tokens", "12"]
+    command += ["--snapshot-out", str(tmp_path / "state")]
     out = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "".join(f"--- candidate {c.index}\n{PROMPT}{c.text}\n" for c in expected)
@@ -321,3 +328,5 @@ def test_the_cli_prints_each_candidate_under_its_header(live: Live) -> None:
     assert [s.split(":")[0] for s in summaries] == ["[candidate 0", "[candidate 1", "[candidate 2"]
     for line, c in zip(summaries, expected, strict=True):
         assert f"seed {c.complete.seed};" in line
+        continued = live.generate("x", snapshot=(tmp_path / f"state.{c.index}").read_bytes(), max_tokens=10)
+        assert continued.text == live.generate("x", snapshot=c.complete.snapshot, max_tokens=10).text

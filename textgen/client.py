@@ -300,6 +300,7 @@ class Client(_Base):
             time.sleep(delay)
 
     def stream_text(self, prompt: str = "", **options: Any) -> Iterator[str]:
+        """The text as it arrives (of one candidate: with n > 1, use ``stream`` and each message's ``index``)."""
         for msg in self.stream(prompt, **options):
             if msg.text:
                 yield msg.text
