@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service import generation, resume, validation
+from service import beam_generate, generation, resume, validation
 from service.context import Context
 from service.engine import Engine
 from service.generation import Generation, Outcome, Output
@@ -181,7 +181,8 @@ class App:
         params = validation.sampling_params(spec, self.settings)
         max_tokens = validation.max_tokens(self.settings, spec.max_tokens)
         stops = validation.stop_strings(self.settings, spec.stop)
-        n = generation.candidates(self.settings, spec.n)
+        beam = beam_generate.beam_settings(spec, self.settings)  # None: sampling (num_beams 0 or 1)
+        n = generation.candidates(self.settings, spec.n) if beam is None else beam.n
         if spec.resume is not None and n > 1:
             raise InvalidInputError("resume: not with n > 1 (resume each candidate as an n = 1 request with its seed)")
         if spec.resume is not None and spec.session_id:
@@ -204,6 +205,9 @@ class App:
                 replay = await self._replay(spec.resume, engine, feed, stops, max_tokens, stop_ids)
                 feed = resume.feed(feed, replay)
             ctx.seen[feed] = True  # the repetition penalty covers the prompt too, as in the torch reference
+            if beam is not None:  # on the model's worker, not the engine (service/beam_generate.py)
+                args = (ctx, feed, engine.output.text, params, max_tokens, stops, stop_ids, time_remaining)
+                return Generation([], engine, spec, session, beams=beam_generate.beam_call(spec, beam, *args))
             seq = Sequence(
                 context=ctx,
                 feed=feed,
@@ -275,7 +279,10 @@ class App:
                 return
 
     def outputs(self, gen: Generation) -> AsyncIterator[list[Output]]:
-        """The generation's output as it comes, as per-candidate items (``service.generation.follow``)."""
+        """The generation's output as it comes, as per-candidate items (``service.generation.follow``; a beam
+        search's beams when it ends)."""
+        if gen.beams is not None:
+            return gen.beams.outputs(self.predictor.workers)
         return generation.follow(gen.seqs, gen.engine.wake)
 
     def outcome(self, gen: Generation, out: Output | None = None) -> Outcome:
@@ -284,7 +291,7 @@ class App:
         index, result = (0, gen.seq.result) if out is None else (out.index, out.result)
         assert result is not None
         gen.reported += 1
-        if gen.session is not None and gen.reported == gen.n and (result.context is not None or gen.n > 1):
+        if gen.session is not None and gen.reported == gen.n and (result.context is not None or gen.reads_session):
             gen.settled = asyncio.get_running_loop().create_future()
             self._settling[gen.session.id] = gen.settled
         snapshot = self.snapshots.dump(result.context) if gen.spec.return_snapshot and result.context else b""
@@ -295,7 +302,7 @@ class App:
         so a call that is cancelled or times out, however late, never changes its session."""
         if gen.ended or any(s.result is None or s.result.error is not None for s in gen.seqs):
             return
-        gen.committed = gen.n == 1
+        gen.committed = not gen.reads_session
         self.end_generation(gen)
 
     def end_generation(self, gen: Generation) -> None:
@@ -304,7 +311,9 @@ class App:
         if gen.ended:
             return
         gen.ended = True
-        result = gen.seq.result
+        result = gen.seq.result if gen.seqs else None
+        if gen.beams is not None:
+            gen.beams.cancel()  # (if still running: the client went away)
         running = [s for s in gen.seqs if s.result is None]
         for seq in running:
             seq.cancel(CancelledError("the client cancelled or disconnected"))

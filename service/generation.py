@@ -24,6 +24,7 @@ from textgen.sampling import candidate_seed
 
 if TYPE_CHECKING:
     from service.app import GenerateSpec
+    from service.beam_generate import BeamCall
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Generation:
     committed: bool = False
     settled: asyncio.Future[None] | None = None  # set while the final message is delivered (sessions only)
     reported: int = 0  # candidates whose final message has been built (``App.outcome``)
+    beams: BeamCall | None = None  # a beam search (no sequences: it runs on the model's worker)
 
     @property
     def seq(self) -> Sequence:
@@ -46,8 +48,13 @@ class Generation:
 
     @property
     def n(self) -> int:
-        """Candidates it reports, each with its own final message."""
-        return len(self.seqs)
+        """Candidates it reports, each with its own final message (a beam search's: known when it ends)."""
+        return len(self.seqs) if self.beams is None else self.beams.n
+
+    @property
+    def reads_session(self) -> bool:
+        """Its session is read, never changed (n > 1, beam search)."""
+        return self.n > 1 or self.beams is not None
 
     @property
     def multiple(self) -> bool:

@@ -91,6 +91,7 @@ def completion_of(model: ServedModel, outcome: Outcome) -> pb.Completion:
         session_id=outcome.session_id,
         index=outcome.index,
         cumulative_logprob=r.cumulative_logprob,
+        beam_score=r.beam_score,
     )
 
 

@@ -59,6 +59,7 @@ class Result:
     stop: str = ""
     stop_token: int = -1  # the stop token (GenerateRequest.stop_token_ids) that ended it, if one did
     cumulative_logprob: float | None = None  # its generated tokens' summed log-probability, where kept
+    beam_score: float | None = None  # beam search: the beam's score (service/beam_search.py)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     seed: int = 0

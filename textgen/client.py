@@ -115,6 +115,12 @@ def gather(messages: Iterable[pb.GenerateStreamResponse]) -> list[pb.Candidate]:
     return [parts[i][1] for i in sorted(parts)]
 
 
+def _finals(request: pb.GenerateRequest) -> int:
+    """The final messages a stream ends after: one per candidate. A beam search's stream (never failed over) is read
+    to its end instead (-1): it may have fewer beams than ``n`` to send."""
+    return -1 if request.num_beams > 1 else max(1, request.n)
+
+
 def predict_unit(unit: str) -> int:
     """The ``PredictUnit`` named "token", "word" or "" (the model's default)."""
     try:
@@ -276,7 +282,7 @@ class Client(_Base):
         stream is resumed on another replica and its messages simply go on."""
         state = self._failover(generate_request(prompt, **options), stream=True)
         request = state.request
-        finals = max(1, request.n)  # the stream ends after every candidate's final message
+        finals = _finals(request)
         while True:
             call = self.stub.GenerateStream(request, timeout=state.timeout(self.timeout), metadata=self.metadata)
             try:
@@ -289,6 +295,8 @@ class Client(_Base):
                     finals -= msg.HasField("complete")
                     if not finals:
                         return
+                if finals < 0:  # a beam search's stream ends after its last beam
+                    return
                 raise Interrupted()
             except (grpc.RpcError, Interrupted) as exc:
                 resumed = state.next_request(exc)
@@ -337,7 +345,7 @@ class AsyncClient(_Base):
     async def stream(self, prompt: str = "", **options: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
         state = self._failover(generate_request(prompt, **options), stream=True)
         request = state.request
-        finals = max(1, request.n)  # the stream ends after every candidate's final message
+        finals = _finals(request)
         while True:
             call = self.stub.GenerateStream(request, timeout=state.timeout(self.timeout), metadata=self.metadata)
             try:
@@ -350,6 +358,8 @@ class AsyncClient(_Base):
                     finals -= msg.HasField("complete")
                     if not finals:
                         return
+                if finals < 0:  # a beam search's stream ends after its last beam
+                    return
                 raise Interrupted()
             except (grpc.RpcError, Interrupted) as exc:
                 resumed = state.next_request(exc)

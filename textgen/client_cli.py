@@ -69,6 +69,26 @@ def register(commands: Any) -> None:
         "once all are done, each with its own summary; candidate I is the text --seed SEED_I (its summary's seed) "
         "gives alone (default: 1)",
     )
+    p.add_argument(
+        "--num-beams",
+        type=int,
+        default=0,
+        metavar="N",
+        help="beam search with N beams (deterministic: no --temperature, --top-k, --top-p, --min-p or --seed); "
+        "prints the --n best beams, best first, when the search ends (default: 0, sampling)",
+    )
+    p.add_argument(
+        "--length-penalty",
+        type=float,
+        default=None,
+        help="beam search: a beam's score is its log-probability / tokens ^ LENGTH_PENALTY; above 0 favours "
+        "longer texts (-10..10, default: 1)",
+    )
+    p.add_argument(
+        "--early-stopping",
+        action="store_true",
+        help="beam search: stop once --num-beams beams have finished (default: while a running beam can still win)",
+    )
     p.add_argument("--logprobs", action="store_true", help="print each token's log-probability to stderr")
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
     add_control_flags(p)
@@ -131,7 +151,13 @@ def _generate(args: argparse.Namespace) -> int:
         "stop_token_ids": args.stop_token,
         "top_logprobs": args.top_logprobs,
         "n": args.n,
+        "num_beams": args.num_beams,
+        "length_penalty": args.length_penalty,
+        "early_stopping": args.early_stopping,
     }
+    if args.num_beams > 1:  # a beam search samples nothing: the sampling defaults are not sent (others are refused)
+        options["temperature"] = None if args.temperature == 1.0 else args.temperature
+        options["top_p"] = None if args.top_p == 1.0 else args.top_p
     start = time.perf_counter()
     with _client(args) as client:
         candidates = _candidates(client, args, options) if args.n > 1 else [_streamed(client, args, options)]
@@ -196,6 +222,7 @@ def _summary(complete: Any, seconds: float, label: str = "") -> str:
         f"{complete.timings.first_token_seconds * 1000:.1f} ms; seed {complete.seed}; "
         f"{complete.model}:{complete.model_version}"
         + (f"; stop token {complete.stop_token_id}" if complete.HasField("stop_token_id") else "")
+        + (f"; beam score {complete.beam_score:.4f}" if complete.HasField("beam_score") else "")
         + (f"; session {complete.session_id}" if complete.session_id else "")
         + "]"
     )

@@ -84,7 +84,7 @@ class Failover:
     def prepare(cls, request: pb.GenerateRequest, stream: bool = True, enabled: bool = True) -> Failover:
         """The request as failover sends it: a stream asks for token ids, and the seed is fixed. Without failover
         (or for a session's call, which is not repeated) the request is sent as the caller made it."""
-        if not enabled or request.session_id or request.n > 1:
+        if not enabled or request.session_id or request.n > 1 or request.num_beams > 1:
             return cls(request, enabled=False)
         asked = request.return_token_ids
         request = pb.GenerateRequest.FromString(request.SerializeToString())  # the caller's request is not changed
