@@ -141,10 +141,10 @@ def test_refusals_name_their_field(live: Live, fields: dict[str, Any], named: st
     assert err.details().startswith(named), err.details()
 
 
-def _running_search(live: Live) -> Any:
+def _running_search(live: Live, **fields: Any) -> Any:
     """A search that cannot end by itself during a test (no stops, endless max_tokens), running on the worker."""
     call = live.stub.Generate.future(
-        pb.GenerateRequest(prompt=PROMPT, num_beams=8, max_tokens=ENDLESS), timeout=CALL_TIMEOUT
+        pb.GenerateRequest(prompt=PROMPT, num_beams=8, max_tokens=ENDLESS, **fields), timeout=CALL_TIMEOUT
     )
     workers = live.server.app.predictor.workers
     wait_until(lambda: workers.running(MODEL) is not None, "the search running on the worker")
@@ -158,6 +158,25 @@ def test_a_cancelled_search_frees_the_worker(live: Live) -> None:
     wait_until(lambda: app.predictor.idle and not app.busy, "the worker idle")
     assert call.cancelled()
     assert len(_beams(live, max_tokens=4)) == 3  # the next search runs
+
+
+def test_an_expired_search_frees_the_worker(live: Live) -> None:
+    err = rpc_error(lambda: live.generate(PROMPT, num_beams=8, max_tokens=ENDLESS, timeout=0.5))
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: live.server.app.predictor.idle and not live.server.app.busy, "the worker idle")
+
+
+def test_a_session_is_held_for_the_search(live: Live) -> None:
+    session = live.stub.CreateSession(pb.CreateSessionRequest(), timeout=CALL_TIMEOUT).session_id
+    call = _running_search(live, session_id=session)
+    try:
+        err = rpc_error(lambda: live.generate(" ", session_id=session, max_tokens=1))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        call.cancel()
+    app = live.server.app
+    wait_until(lambda: live.on_loop(lambda: not app.sessions.get(session).busy), "the session released")
+    assert live.on_loop(lambda: app.sessions.get(session).context.token_count) == 0
 
 
 def test_a_full_queue_refuses(serve: Callable[..., Live]) -> None:
