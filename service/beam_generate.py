@@ -107,7 +107,7 @@ class BeamJob(Job):
 
 @dataclass
 class BeamCall:
-    """A checked beam search, ready to run (``run``), and the form its beams are reported in."""
+    """A checked beam search, ready to run (``outputs``), and the form its beams are reported in."""
 
     job: BeamJob
     settings: BeamSettings
