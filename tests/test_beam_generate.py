@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from test_resume_attacks import serve_bundle, word_bundle  # noqa: F401 (fixtures)
 
 from service.beam_search import Beam, BeamParams, beam_search
 from service.output import TokenText
@@ -211,6 +213,25 @@ def test_snapshots_in_and_out_continue_exactly(live: Live) -> None:
     for c in from_snapshot:  # the state after the beam's text, its last token pending
         after = live.generate("", snapshot=c.complete.snapshot, max_tokens=15, temperature=0).text
         assert after == live.generate("\nthe quick" + head.text + " brown" + c.text, max_tokens=15, temperature=0).text
+
+
+def test_a_word_models_beams_are_spaced_as_its_streams(
+    serve_bundle: Callable[..., Live],  # noqa: F811
+    word_bundle: Path,  # noqa: F811
+) -> None:
+    live = serve_bundle(word_bundle)
+    tokenizer = live.server.app.registry.get(MODEL).tokenizer
+    prompt = "the quick brown"
+    beams = _beams(live, prompt, num_beams=3, n=3, max_tokens=6, return_token_ids=True, stop=["\n"])
+    after = int(tokenizer.encode(prompt)[-1])
+    for c in beams:
+        text = "".join(tokenizer.pieces(c.token_ids, after))
+        assert c.text == (text.split("\n")[0] if c.complete.finish_reason == STOP else text)
+        assert not c.text or c.text.startswith(" ")  # the words after "brown", each with its leading space
+    assert any(c.text for c in beams)
+    greedy = live.generate(prompt, max_tokens=6, temperature=0, return_token_ids=True)
+    one = _beams(live, prompt, num_beams=2, n=2, max_tokens=1, return_token_ids=True)
+    assert one[0].token_ids == greedy.token_ids[:1]  # one step: the most likely token first
 
 
 def test_client_and_cli(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
