@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service import beam_generate, generation, resume, validation
+from service.constraints import Compiler, ConstraintSpec, Cursor
 from service.context import Context
 from service.engine import Engine
 from service.generation import Generation, Outcome, Output
@@ -105,6 +106,7 @@ class App:
             log.warning("no snapshot key (TEXTGEN_SNAPSHOT_KEY_FILE): snapshots resume only on this server process")
         self.draining = False
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        self.constraints = {m.name: Compiler(m.tokenizer) for m in registry}  # GenerateRequest.regex, .choices
         self._settling: dict[str, asyncio.Future[None]] = {}  # session id -> its last generation's settling
         self.predictor = Predictor(self)  # Predict calls (service/predict.py)
 
@@ -181,7 +183,11 @@ class App:
         params = validation.sampling_params(spec, self.settings)
         max_tokens = validation.max_tokens(self.settings, spec.max_tokens)
         stops = validation.stop_strings(self.settings, spec.stop)
+        limits = self.settings.max_constraint_chars, self.settings.max_choices
+        constraint = ConstraintSpec.of(spec.regex, spec.choices, *limits)  # None: unconstrained
         beam = beam_generate.beam_settings(spec, self.settings)  # None: sampling (num_beams 0 or 1)
+        if constraint is not None and beam is not None:
+            raise InvalidInputError(f"{constraint.field}: constrained decoding is not available with num_beams")
         n = generation.candidates(self.settings, spec.n) if beam is None else beam.n
         if spec.resume is not None and n > 1:
             raise InvalidInputError("resume: not with n > 1 (resume each candidate as an n = 1 request with its seed)")
@@ -200,9 +206,13 @@ class App:
             if spec.seed is not None and (session is not None or spec.snapshot):
                 ctx.reseed(spec.seed)
             feed = self._feed(engine.model, ctx, await self._encode(engine.model, spec.prompt, "prompt"))
+            cursor = None
+            if constraint is not None:  # compiled (or found compiled) and checked on a worker thread
+                start = self.constraints[engine.model.name].start
+                cursor = await loop.run_in_executor(self._encoder, start, constraint, int(feed[-1]))
             replay = None
             if spec.resume is not None:
-                replay = await self._replay(spec.resume, engine, feed, stops, max_tokens, stop_ids)
+                replay = await self._replay(spec.resume, engine, feed, stops, max_tokens, stop_ids, cursor)
                 feed = resume.feed(feed, replay)
             ctx.seen[feed] = True  # the repetition penalty covers the prompt too, as in the torch reference
             if beam is not None:  # on the model's worker, not the engine (service/beam_generate.py)
@@ -223,6 +233,7 @@ class App:
                 keep_context=(session is not None and n == 1) or spec.return_snapshot,
                 token_ids=spec.return_token_ids,
                 sum_logprobs=n > 1,
+                constraint=cursor,
             )
             if replay is not None:
                 resume.apply(seq, replay)
@@ -242,9 +253,10 @@ class App:
         stops: list[str],
         max_tokens: int,
         stop_ids: frozenset[int],
+        cursor: Cursor | None,
     ) -> resume.Replay:
         tokens = resume.check(spec, engine.model, max_tokens, engine.resume_refusal)
-        args = (spec, tokens, engine.output.text, stops, max_tokens, int(prompt_feed[-1]), stop_ids)
+        args = (spec, tokens, engine.output.text, stops, max_tokens, int(prompt_feed[-1]), stop_ids, cursor)
         if tokens.size <= _INLINE_REPLAY_TOKENS:
             return resume.replay(*args)
         return await asyncio.get_running_loop().run_in_executor(self._encoder, resume.replay, *args)

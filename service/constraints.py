@@ -18,7 +18,8 @@ The rule, per generated token: while the text does not match, only tokens that k
 sampled (``Cursor.mask``); once it matches, any token may, and one that leaves the pattern ends generation instead
 of being emitted (``Advance.REJECT``); a token after which nothing can follow ends it right after (``Advance.END``).
 Where no token can continue a text that does not match (the mask looks one token ahead, not further), the call
-fails (FAILED_PRECONDITION).
+fails (FAILED_PRECONDITION). The text has at least one token: the empty text never counts as matching (a
+generation's state must end with its last token pending), and a pattern that matches only it is refused.
 
 A compiled pattern is cached per model (``Compiler``); each generation gets its own cursor, a copy of the
 compiled matcher (the copies share the pattern's lazily built automaton)."""
@@ -36,7 +37,6 @@ import llguidance
 import numpy as np
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
-from service.output import TokenText
 from textgen.errors import FailedPreconditionError, InvalidInputError
 from textgen.tokenizer import TextTokenizer
 
@@ -104,6 +104,8 @@ class Compiler:
     threads; a cursor then belongs to one generation (one thread at a time)."""
 
     def __init__(self, tokenizer: TextTokenizer, cache_size: int = CACHED_PATTERNS) -> None:
+        from service.output import TokenText  # (here: service.output imports this module)
+
         self.text = TokenText(tokenizer)
         self.vocab = tokenizer.vocab_size
         self.unk = tokenizer.unk_id
@@ -142,6 +144,8 @@ class Compiler:
         try:
             cursor.mask()
         except FailedPreconditionError as exc:
+            if cursor.dead_end and cursor.matcher.is_accepting():
+                raise InvalidInputError(f"{spec.field}: matches only the empty text") from None
             if cursor.dead_end:
                 raise InvalidInputError(
                     f"{spec.field}: no text this model can generate here starts a match{self._hint}"
@@ -233,6 +237,12 @@ class Cursor:
         self._matched: bool | None = None  # this step's: whether the text matches as it stands
         self._viable: np.ndarray | None = None  # this step's, for a word model: which tokens may be taken
 
+    @property
+    def matched(self) -> bool:
+        """Whether the text taken so far matches. Never the empty text: a generation takes at least one token (it
+        could not end before its first one with the state of its last token pending, as every generation does)."""
+        return self.tokens > 0 and self.matcher.is_accepting()
+
     def copy(self) -> Cursor:
         """An independent cursor at the same place (a candidate of its own)."""
         lookahead = self.lookahead and self.lookahead.deep_copy()
@@ -245,7 +255,7 @@ class Cursor:
         elsewhere, and where ``ceiling``, the request's own exclusions, has -inf), or None when the text matches
         as it stands (any token may be sampled; ``advance`` says whether it goes on). Raises
         FailedPreconditionError, naming the field, where no token can continue the text."""
-        matched = self._matched = self.matcher.is_accepting()
+        matched = self._matched = self.matched
         if self.lookahead is not None:  # (wanted where the text matches too: ``advance`` reads it)
             self._viable = self._word_bits()
         if matched:
@@ -267,7 +277,7 @@ class Cursor:
         gave None): it is REJECTed, and the cursor is spent (its generation ends). Raises FailedPreconditionError
         where a limit stops the pattern."""
         compiler, m = self.compiler, self.matcher
-        matched = m.is_accepting() if self._matched is None else self._matched
+        matched = self.matched if self._matched is None else self._matched
         viable = self._viable
         self._matched = self._viable = None
         if token == compiler.unk or (viable is not None and not viable[token]):

@@ -15,6 +15,11 @@ other candidate gets a host copy of the leader's state row and its last logits r
 the front of the queue and samples its first token from that row, then runs like any other sequence. A leader that
 ends before that (cancelled, expired, failed, shut down) ends its candidates the same way.
 
+A constrained row (GenerateRequest.regex, .choices; service/constraints.py) gets its mask before the sampler runs
+and takes its token after: a token that would leave its matched text ends it before that token (the state it then
+keeps is the one from before its last emitted token, copied after each step where the row needs a context), and a
+row no token can continue fails. Steps without a constrained row do none of this.
+
 The engine thread is the only writer of a running sequence; the transport (the asyncio thread) only drains its
 outbox and may set its cancel flag, both safe without a lock."""
 
@@ -27,6 +32,7 @@ import time
 import numpy as np
 
 from service import resume
+from service.constraints import Advance
 from service.logprobs import token_logprobs
 from service.models import ServedModel
 from service.observer import EngineObserver
@@ -35,7 +41,7 @@ from service.scheduler import Scheduler
 from service.sequence import Finish, Phase, Sequence
 from service.settings import ServerSettings
 from service.wakes import Wakes
-from textgen.errors import TextgenError
+from textgen.errors import FailedPreconditionError, TextgenError
 from textgen.sampling import sample_batch
 
 log = logging.getLogger("textgen.engine")
@@ -234,6 +240,8 @@ class Engine:
         """A resumed stream's context has run: it stands where its interrupted stream stood, with the last token
         it received to feed next (service/resume.py), so it joins the decode batch without sampling."""
         seq.next_token = seq.resume_token
+        if seq.constraint is not None and seq.keep_context:
+            self._keep_state_before(seq)
         seq.phase = Phase.DECODE
         seq.last_token = time.monotonic()
         self.scheduler.decode.append(seq)
@@ -257,6 +265,11 @@ class Engine:
 
     # -- sampling and output ----------------------------------------------------------------------------------
     def _sample(self, rows: list[Sequence], logits: np.ndarray) -> None:
+        masks = steps = None
+        if any(s.constraint is not None for s in rows):  # constrained decoding: only then does a step pay for it
+            rows, logits, masks = self._constrain(rows, logits)
+            if not rows:
+                return
         params = [s.params for s in rows]
         seen = None
         if any(p.repetition_penalty != 1.0 for p in params):  # only the penalty reads the seen-token masks
@@ -264,23 +277,95 @@ class Engine:
         counts = None
         if any(s.counts is not None for s in rows):  # only the presence and frequency penalties read the counts
             counts = [s.counts for s in rows]
-        tokens = sample_batch(logits, params, [s.context.rng for s in rows], seen, counts)
+        tokens = sample_batch(logits, params, [s.context.rng for s in rows], seen, counts, masks)
+        if masks is not None:
+            rows, tokens, logits, steps = self._advance(rows, tokens, logits)
         for seq in rows:
             if seq.phase is Phase.PREFILL:  # its first token: it joins the decode batch
                 seq.phase = Phase.DECODE
                 self.scheduler.decode.append(seq)
-        for seq, finish, stop in self.output.emit(rows, tokens, logits):
+        for seq, finish, stop in self.output.emit(rows, tokens, logits, steps):
             self._finish(seq, finish=finish, stop=stop)
+        if steps is not None:
+            for seq, step in zip(rows, steps, strict=True):
+                if step is Advance.REJECT:  # its token would leave its matched pattern: it ends before it
+                    self._finish(seq, finish=Finish.STOP, rejected=True)
+                elif seq.constraint is not None and seq.keep_context and not seq.done:
+                    self._keep_state_before(seq)
+
+    def _keep_state_before(self, seq: Sequence) -> None:
+        """A matched text may end before the next token (``_finish``'s ``rejected``): the state that ending keeps,
+        the state before the token the next step feeds, is the one in its slot now."""
+        seq.state_before = (
+            self.state.take([seq.slot]) if seq.constraint is not None and seq.constraint.matched else None
+        )
+
+    def _constrain(
+        self, rows: list[Sequence], logits: np.ndarray
+    ) -> tuple[list[Sequence], np.ndarray, list[np.ndarray | None]]:
+        """The masks of the constrained rows (service/constraints.py; with the request's own exclusions). A row
+        whose text no token can continue fails (FAILED_PRECONDITION, naming its field) and leaves the step."""
+        vocab = logits.shape[1]
+        masks: list[np.ndarray | None] = []
+        failed = []
+        for i, seq in enumerate(rows):
+            cursor, sp = seq.constraint, seq.params
+            mask = None
+            if cursor is not None:
+                try:
+                    mask = cursor.mask(
+                        sp.controls(vocab).ceiling if sp.allowed_token_ids or sp.banned_token_ids else None
+                    )
+                except FailedPreconditionError as exc:
+                    failed.append(i)
+                    self._finish(seq, error=exc)
+            masks.append(mask)
+        if not failed:
+            return rows, logits, masks
+        keep = [i for i in range(len(rows)) if i not in failed]
+        return [rows[i] for i in keep], logits[keep], [masks[i] for i in keep]
+
+    def _advance(
+        self, rows: list[Sequence], tokens: np.ndarray, logits: np.ndarray
+    ) -> tuple[list[Sequence], np.ndarray, np.ndarray, list[Advance | None]]:
+        """Each constrained row takes its token: on, ended after it, or ended before it (``Advance``). A row whose
+        pattern runs into the server's limits fails and leaves the step."""
+        steps: list[Advance | None] = []
+        failed = []
+        for i, (seq, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            step = None
+            if seq.constraint is not None:
+                try:
+                    step = seq.constraint.advance(token)
+                except FailedPreconditionError as exc:
+                    failed.append(i)
+                    self._finish(seq, error=exc)
+            steps.append(step)
+        if not failed:
+            return rows, tokens, logits, steps
+        keep = [i for i in range(len(rows)) if i not in failed]
+        return [rows[i] for i in keep], tokens[keep], logits[keep], [steps[i] for i in keep]
 
     def _finish(
-        self, seq: Sequence, finish: Finish | None = None, stop: str = "", error: TextgenError | None = None
+        self,
+        seq: Sequence,
+        finish: Finish | None = None,
+        stop: str = "",
+        error: TextgenError | None = None,
+        rejected: bool = False,
     ) -> None:
+        """End ``seq``. ``rejected``: before its sampled token, which would have left its matched pattern (its state
+        is then the one before its last emitted token, which stays pending, as at any other ending)."""
         if seq.phase is Phase.DONE:
             return
         ctx = None
         if error is None and not seq.score and seq.keep_context and finish in (Finish.LENGTH, Finish.STOP):
             ctx = seq.context
-            ctx.state = self.state.take([seq.slot]) if seq.holds_slot else seq.own_state
+            if rejected:
+                assert seq.state_before is not None
+                ctx.state, ctx.token_count = seq.state_before, ctx.token_count - 1
+            else:
+                ctx.state = self.state.take([seq.slot]) if seq.holds_slot else seq.own_state
             if seq.phase is Phase.DECODE:
                 ctx.pending = seq.next_token
         self.scheduler.remove(seq)

@@ -104,7 +104,8 @@ def followers(leader: Sequence, n: int) -> list[Sequence]:
     for i in range(1, n):
         context = leader.context.copy()
         context.reseed(candidate_seed(leader.context.seed, i))
-        seq = dataclasses.replace(leader, context=context)
+        constraint = leader.constraint and leader.constraint.copy()  # (each its own place in the pattern)
+        seq = dataclasses.replace(leader, context=context, constraint=constraint)
         seq.event = leader.event
         out.append(seq)
     return out

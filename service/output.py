@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from service.constraints import Advance
 from service.logprobs import token_logprobs, top_logprobs
 from service.observer import EngineObserver
 from service.sequence import Delta, Finish, Sequence, TokenLogprob
@@ -53,8 +54,15 @@ class OutputProcessor:
         every token as it is sampled, and every stream its first token at once."""
         return max(1, min(self.max_interval, running))
 
-    def emit(self, rows: list[Sequence], tokens: np.ndarray, logits: np.ndarray) -> list[Done]:
-        """Hand each row its sampled token; return the rows that are done."""
+    def emit(
+        self, rows: list[Sequence], tokens: np.ndarray, logits: np.ndarray, steps: list[Advance | None] | None = None
+    ) -> list[Done]:
+        """Hand each row its sampled token; return the rows that are done. ``steps``, where a row is constrained
+        (GenerateRequest.regex, .choices): what each constrained row's token did to its pattern."""
+        done: list[Done] = []
+        ends = None
+        if steps is not None:
+            rows, tokens, logits, ends = self._constrained(rows, tokens, logits, steps)
         interval = self.stream_interval(len(rows))
         wanted = [i for i, s in enumerate(rows) if s.tracks_logprob]
         chosen = {}
@@ -67,7 +75,6 @@ class OutputProcessor:
         now = time.monotonic()
         text = self.text
         bare, spaced, eos = text.bare, text.spaced, text.eos
-        done: list[Done] = []
         gaps: list[float] = []
         wake = self.wakes.add
         for i, (seq, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
@@ -86,13 +93,14 @@ class OutputProcessor:
             previous, seq.previous = seq.previous, token
             piece = bare[token] if previous is None or previous == eos else spaced[token]
             last = generated >= seq.max_tokens
+            ended = ends is not None and i in ends  # its pattern cannot go on after this token
             stop = None
             if seq.stop_ids and token in seq.stop_ids:  # its text is not sent; what was held back is, as at the end
                 seq.stop_token, stop = token, ""
                 piece = seq.stop_matcher.flush() if seq.stops else ""
             elif seq.stops:
                 piece, stop = seq.stop_matcher.push(piece)
-                if stop is None and last:
+                if stop is None and (last or ended):
                     piece += seq.stop_matcher.flush()
             if seq.logprobs:
                 logprob = TokenLogprob(token, text.names[token], chosen[i], tops.get(i, ()))
@@ -103,12 +111,36 @@ class OutputProcessor:
                 seq.produced_tokens += 1
             if stop is not None:
                 done.append((seq, Finish.STOP, stop))
+            elif ended:
+                done.append((seq, Finish.STOP, ""))
             elif last:
                 done.append((seq, Finish.LENGTH, ""))
             elif first or seq.produced_tokens - seq.consumed_tokens >= interval:  # the first never waits
                 wake(seq)
         self.observer.sampled(len(rows), gaps)
         return done
+
+    def _constrained(
+        self,
+        rows: list[Sequence],
+        tokens: np.ndarray,
+        logits: np.ndarray,
+        steps: list[Advance | None],
+    ) -> tuple[list[Sequence], np.ndarray, np.ndarray, set[int] | None]:
+        """Constrained decoding's share of a step (service/constraints.py). A row whose token would leave its matched
+        pattern ends before it (the engine ends it: finish STOP): the token is not emitted nor counted, and text
+        held back for a stop string is released. Returns the other rows and which of them end right after their
+        token (nothing can follow it)."""
+        rejected = [i for i, step in enumerate(steps) if step is Advance.REJECT]
+        for i in rejected:
+            seq = rows[i]
+            held = seq.stop_matcher.flush() if seq.stops else ""
+            if held:
+                seq.outbox.append(Delta(held, [], 0))
+        if rejected:
+            keep = [i for i, step in enumerate(steps) if step is not Advance.REJECT]
+            rows, tokens, logits, steps = [rows[i] for i in keep], tokens[keep], logits[keep], [steps[i] for i in keep]
+        return rows, tokens, logits, {i for i, step in enumerate(steps) if step is Advance.END} or None
 
     def _alternatives(
         self, rows: list[Sequence], wanted: list[int], logits: np.ndarray

@@ -11,7 +11,8 @@ What makes it exact is that a sequence's future depends only on what this module
   the previous token (word spacing);
 - the stop matcher's hold-back: the received tokens' text is pushed through a new matcher, which also yields how
   much of it the old stream had released; that must equal what the client says it received, or the resume is
-  refused (another model, another request, a client bug), rather than continuing another text.
+  refused (another model, another request, a client bug), rather than continuing another text;
+- a constraint's place in its pattern (GenerateRequest.regex, .choices): the received tokens are taken again.
 
 A stream that had already ended (its last token, a stop string or a stop token was sent, only the final message
 was lost) resumes to its ending at once, with the same final context.
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.constraints import Advance, Cursor
 from service.models import ServedModel
 from service.output import TokenText
 from service.sequence import Finish, Sequence
@@ -128,9 +130,12 @@ def replay(
     max_tokens: int,
     previous: int | None,
     stop_ids: frozenset[int] = frozenset(),
+    constraint: Cursor | None = None,
 ) -> Replay:
-    """Push the received tokens' text through a new stop matcher as the engine did (``OutputProcessor.emit``);
-    O(text of the tokens), so long replays run off the event loop. ``previous`` is the token before them."""
+    """Push the received tokens' text through a new stop matcher as the engine did (``OutputProcessor.emit``), and
+    through the request's constraint if it has one (``constraint``: a cursor at the start of the generation, moved
+    to where the stream stood); O(text of the tokens), so long replays run off the event loop. ``previous`` is the
+    token before them."""
     matcher = StopMatcher(stops)
     released = 0
     ending: tuple[Finish, str] | None = None
@@ -145,17 +150,40 @@ def replay(
         piece = text.piece(token, previous)
         previous = token
         last = i + 1 >= max_tokens
+        ended = False  # its constraint cannot go on after it
+        if constraint is not None:
+            step = constraint.advance(token)
+            if step is Advance.REJECT:
+                raise InvalidInputError(
+                    f"resume.token_ids[{i}]: {token} leaves the request's {constraint.spec.field}: these are not "
+                    "what this request's stream sent"
+                )
+            ended = step is Advance.END
         if token in stop_ids:  # a stop token: its text never sent, what was held back released
             piece, ending, stop_token = matcher.flush() if stops else "", (Finish.STOP, ""), token
         elif stops:
             piece, stop = matcher.push(piece)
             if stop is not None:
                 ending = (Finish.STOP, stop)
-            elif last:
+            elif last or ended:
                 piece += matcher.flush()
         released += len(piece)
+        if ended and ending is None:
+            ending = (Finish.STOP, "")
         if last and ending is None:
             ending = (Finish.LENGTH, "")
+    held = matcher.held
+    if (
+        ending is None
+        and constraint is not None
+        and constraint.matched
+        and held
+        and released + len(held) == spec.text_chars
+    ):
+        # Only an ending releases held-back text without a token of its own: the text matched and the next token
+        # would have left the pattern (``OutputProcessor``), which the stream had already sent.
+        released += len(matcher.flush())
+        ending = (Finish.STOP, "")
     if released != spec.text_chars:
         raise InvalidInputError(
             f"resume.text_chars: these {len(ids)} tokens made {released} characters of text, not "

@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,10 @@ from service.context import Context
 from service.stops import StopMatcher
 from textgen.errors import TextgenError
 from textgen.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from service.constraints import Cursor
+    from service.models import State
 
 _ids = itertools.count(1)
 
@@ -93,6 +98,7 @@ class Sequence:
     top_logprobs: int = 0  # alternatives per position to report (implies logprobs)
     stop_ids: frozenset[int] = frozenset()  # sampling one of these ends it (finish STOP, its text not sent)
     sum_logprobs: bool = False  # keep its generated tokens' summed log-probability (n > 1; logprobs implies it)
+    constraint: Cursor | None = None  # GenerateRequest.regex, .choices: where its text stands (service.constraints)
 
     def __post_init__(self) -> None:
         self.id = next(_ids)
@@ -106,6 +112,9 @@ class Sequence:
         self.previous = int(self.feed[-1]) if self.feed.size else None  # for word-level spacing
         self.generated = 0
         self.stop_token = -1  # the stop id that ended it
+        # Constrained decoding, with a context to keep: its state before the token its next step feeds, while its
+        # text matches (a token that leaves the pattern then ends it there, with that token pending).
+        self.state_before: State | None = None
         # Rows whose chosen token's log-probability the output processor computes: to report it, or to sum it.
         self.tracks_logprob = self.logprobs or self.sum_logprobs
         self.cumulative_logprob = 0.0

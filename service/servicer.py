@@ -237,7 +237,7 @@ class Servicer(pb_grpc.TextGenerationServicer):
                 if logprobs:
                     got.logprobs.extend(logprobs_of(out.deltas))
                 if request.return_token_ids:
-                    got.token_ids.extend(d.token for d in out.deltas)
+                    got.token_ids.extend(d.token for d in out.deltas if d.token >= 0)  # (-1: text with no token)
                 if outcome is not None:
                     got.complete = completion_of(gen.model, outcome)
                     ended += 1
@@ -270,7 +270,7 @@ class Servicer(pb_grpc.TextGenerationServicer):
                 if logprobs:
                     msg.logprobs.extend(logprobs_of(out.deltas))
                 if request.return_token_ids:
-                    msg.token_ids.extend(d.token for d in out.deltas)
+                    msg.token_ids.extend(d.token for d in out.deltas if d.token >= 0)
                     if out.index not in started:
                         msg.model_version = gen.model.version
                         started.add(out.index)

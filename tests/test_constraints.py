@@ -132,6 +132,8 @@ def test_a_pattern_that_cannot_start_or_compile_is_refused_naming_its_field(char
         chars.start(spec("Z[a-z]+"), None)  # no capitals in the vocabulary
     with pytest.raises(InvalidInputError, match=r"^choices: no text"):
         chars.start(spec(choices=("Yes", "No")), None)
+    with pytest.raises(InvalidInputError, match=r"^regex: matches only the empty text"):
+        chars.start(spec("(Q)?"), None)  # (a generation takes at least one token)
 
 
 def test_a_dead_end_part_way_fails_naming_the_field_and_the_text(chars: Compiler) -> None:

@@ -92,6 +92,11 @@ def register(commands: Any) -> None:
     p.add_argument("--logprobs", action="store_true", help="print each token's log-probability to stderr")
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
     add_control_flags(p)
+    g = p.add_argument_group("constrained decoding")
+    g.add_argument("--regex", default="", metavar="PATTERN", help="the generated text must match PATTERN (Rust regex)")
+    g.add_argument(
+        "--choice", action="append", default=[], metavar="TEXT", help="the generated text must be one TEXT (repeatable)"
+    )
     p.add_argument(
         "--failover",
         action="store_true",
@@ -151,6 +156,8 @@ def _generate(args: argparse.Namespace) -> int:
         "stop_token_ids": args.stop_token,
         "top_logprobs": args.top_logprobs,
         "n": args.n,
+        "regex": args.regex,
+        "choices": args.choice,
         "num_beams": args.num_beams,
         "length_penalty": args.length_penalty,
         "early_stopping": args.early_stopping,
