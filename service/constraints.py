@@ -256,7 +256,7 @@ class Cursor:
         as it stands (any token may be sampled; ``advance`` says whether it goes on). Raises
         FailedPreconditionError, naming the field, where no token can continue the text."""
         matched = self._matched = self.matched
-        if self.lookahead is not None:  # (wanted where the text matches too: ``advance`` reads it)
+        if self.lookahead is not None and self._viable is None:  # (wanted where the text matches too: ``advance``)
             self._viable = self._word_bits()
         if matched:
             return None
@@ -272,10 +272,11 @@ class Cursor:
             f"{self.spec.field}: no token of the model{among} can continue the match {self._where()}"
         )
 
-    def advance(self, token: int) -> Advance:
+    def advance(self, token: int, check: bool = False) -> Advance:
         """Take the sampled ``token``. A token that leaves the pattern can only come where the text matched (``mask``
-        gave None): it is REJECTed, and the cursor is spent (its generation ends). Raises FailedPreconditionError
-        where a limit stops the pattern."""
+        gave None): it is REJECTed, and the cursor is spent (its generation ends). ``check``: the token comes from
+        elsewhere (a resumed stream's): one that cannot go on is REJECTed wherever it comes. Raises
+        FailedPreconditionError where a limit stops the pattern."""
         compiler, m = self.compiler, self.matcher
         matched = self.matched if self._matched is None else self._matched
         viable = self._viable
@@ -283,6 +284,8 @@ class Cursor:
         if token == compiler.unk or (viable is not None and not viable[token]):
             return Advance.REJECT  # (never sampled where the text did not match: the mask excluded it)
         form = compiler.vocab if self.bare and self.lookahead is not None else 0
+        if check and not m.validate_tokens([token + form]):
+            return Advance.REJECT
         if not m.consume_token(token + form):
             if matched:
                 return Advance.REJECT
@@ -294,7 +297,13 @@ class Cursor:
         self.shown = (self.shown + piece)[-_SHOWN_CHARS:]
         self.tokens += 1
         self.bare = token == compiler.eos
-        return Advance.END if m.is_stopped() else Advance.CONTINUE
+        if m.is_stopped():
+            return Advance.END
+        if self.lookahead is not None and m.is_accepting():  # a word may match with only glued text to follow
+            self._viable = self._word_bits()
+            if not self._viable.any():
+                return Advance.END
+        return Advance.CONTINUE
 
     def _bits_of(self, matcher: llguidance.LLMatcher) -> np.ndarray:
         """The mask of ``matcher`` as bits [suffix, token] of the form that applies (all 0 where nothing can
@@ -309,11 +318,11 @@ class Cursor:
 
     def _word_bits(self) -> np.ndarray:
         """For a word model: the words whose text can be followed by a space or a line break (or the end), and
-        ``<eos>`` where a line break can come."""
+        ``<eos>`` where a line break can come (asked of the pattern itself: the lookahead's would end it)."""
         bits = self._bits_of(self.lookahead)  # type: ignore[arg-type]
         viable = bits[1] | bits[2]
-        eos = self.compiler.eos
-        viable[eos] = bits[0, eos]
+        eos, vocab = self.compiler.eos, self.compiler.vocab
+        viable[eos] = self.matcher.validate_tokens([eos + (vocab if self.bare else 0)]) > 0
         return viable
 
     def _too_complex(self, matcher: llguidance.LLMatcher) -> FailedPreconditionError:

@@ -152,11 +152,11 @@ def replay(
         last = i + 1 >= max_tokens
         ended = False  # its constraint cannot go on after it
         if constraint is not None:
-            step = constraint.advance(token)
+            step = constraint.advance(token, check=True)
             if step is Advance.REJECT:
                 raise InvalidInputError(
-                    f"resume.token_ids[{i}]: {token} leaves the request's {constraint.spec.field}: these are not "
-                    "what this request's stream sent"
+                    f"resume.token_ids[{i}]: {token} does not follow the request's {constraint.spec.field}: these "
+                    "are not what this request's stream sent"
                 )
             ended = step is Advance.END
         if token in stop_ids:  # a stop token: its text never sent, what was held back released

@@ -155,6 +155,14 @@ def test_a_constrained_stream_resumes_exactly(serve: Callable[..., Live], fields
     )
 
 
+def test_a_resume_with_tokens_the_pattern_never_allowed_is_refused(live: Live) -> None:
+    x = int(live.engine.model.tokenizer.encode("x")[0])
+    resume = pb.Resume(token_ids=[x], text_chars=1)
+    err = rpc_error(live.generate, PROMPT, regex=PATTERN, seed=1, max_tokens=20, resume=resume)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("resume.token_ids[0]: ") and "regex" in err.details()
+
+
 def test_every_candidate_matches(live: Live) -> None:
     reply = live.generate(PROMPT, n=4, regex=PATTERN, seed=2, max_tokens=60)
     assert len(reply.candidates) == 4 and all(re.fullmatch(PATTERN, c.text) for c in reply.candidates)

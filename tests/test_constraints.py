@@ -192,6 +192,15 @@ def test_word_choices_come_out_exactly_never_stopping_inside_a_word(words: Compi
     assert seen == set(choices)
 
 
+def test_a_word_that_matches_ends_at_once_where_only_glued_text_could_follow(words: Compiler) -> None:
+    cursor = words.start(spec(choices=("the", "thequick", "the\nfox")), None)
+    cursor.mask()
+    assert cursor.advance(words.text.bare.index("the")) is Advance.CONTINUE  # a line break may follow
+    cursor = words.start(spec(choices=("the", "thequick")), None)
+    cursor.mask()
+    assert cursor.advance(words.text.bare.index("the")) is Advance.END
+
+
 def test_a_word_regex_matches_the_returned_text_at_the_start_of_a_line_and_after_a_word(words: Compiler) -> None:
     start = re.compile(r"(the|a) [a-z]+( [a-z]+)?")
     inside = re.compile(r" (the|a) [a-z]+( [a-z]+)?")
