@@ -142,6 +142,18 @@ def add_to_server(servicer: Servicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+def _check_sendable(request: pb.GenerateRequest, reply: pb.GenerateResponse, limit: int) -> None:
+    """gRPC fails a reply over the server's send limit (max_message_bytes) only after the call has ended well, with
+    a status that looks retryable and its session changed: refuse it here instead, naming what made it large."""
+    size = reply.ByteSize()
+    if size > limit:
+        field = "n" if request.n > 1 else "num_beams" if request.num_beams > 1 else "max_tokens"
+        raise InvalidInputError(
+            f"{field}: the reply is {size} bytes, over this server's max_message_bytes ({limit}); stream it "
+            "(GenerateStream), or ask for fewer candidates, tokens or log-probabilities"
+        )
+
+
 @dataclasses.dataclass
 class _Parts:
     """One candidate of a unary Generate, gathered as it comes."""
@@ -255,6 +267,7 @@ class Servicer(pb_grpc.TextGenerationServicer):
                 # call that had changed its session.
                 if _deadline_passed(context):
                     raise DeadlineExceededError("deadline exceeded")
+                _check_sendable(request, reply, self.app.settings.max_message_bytes)
                 self.app.commit(gen)
                 return reply
         raise AssertionError("generation ended without a result")

@@ -35,8 +35,8 @@ class ServerSettings(BaseSettings):
     max_message_bytes: int = Field(
         1 << 20,
         ge=1 << 16,
-        description="largest gRPC request message accepted (1 MiB holds a 16,384-token prompt of any model with room "
-        "to spare; gRPC's own default is 4 MiB); replies may be larger",
+        description="largest gRPC message received or sent (1 MiB holds a 16,384-token prompt of any model with room "
+        "to spare; gRPC's own default is 4 MiB); a unary Generate reply over it is refused: stream it instead",
     )
     max_concurrent_rpcs: int = Field(
         1024,
