@@ -115,3 +115,51 @@ def test_candidates_waiting_for_a_slot_end_on_cancel_and_deadline(serve: Callabl
     blocker.cancel()
     wait_until(lambda: settled(live), "nothing held")
     assert live.engine.state.free_slots == 2
+
+
+# -- the leader's prompt, sessions, metrics -----------------------------------------------------------------------
+
+
+def test_a_call_cancelled_inside_its_chunked_prompt_ends_every_candidate(serve: Callable[..., Live]) -> None:
+    live = serve(prefill_chunk_tokens=4)
+    recorder = live.observe()
+    gate = live.gate()
+    call = live.stream(PROMPT * 8, n=5, max_tokens=5)  # the leader's prompt runs in 20 chunks
+    gate.wait_entered()  # held inside its first chunk: the leader holds a slot, its candidates wait for it
+    assert live.engine.running == 1 and live.engine.scheduler.unforked == 4
+    call.cancel()
+    wait_until(lambda: live.engine.scheduler.prefill[0].cancel_reason is not None, "the server saw the cancel")
+    gate.release()
+    wait_until(lambda: len(recorder.done) == 5, "every candidate ended")
+    wait_until(lambda: settled(live), "nothing held")
+    assert live.engine.scheduler.unforked == 0 and len(recorder.started) == 1  # no candidate ever took a slot
+
+
+def test_a_session_is_busy_while_its_candidates_run_and_unchanged_when_cancelled(serve: Callable[..., Live]) -> None:
+    live = serve(max_tokens_limit=ENDLESS)
+    sid = live.stub.CreateSession(pb.CreateSessionRequest(seed=2), timeout=30).session_id
+    call = live.stream(PROMPT, n=3, session_id=sid, max_tokens=ENDLESS)
+    started: set[int] = set()
+    while len(started) < 3:  # every candidate running
+        started.add(next(call).index)
+    err = rpc_error(live.generate, "a", session_id=sid, max_tokens=2)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "already generating" in err.details()
+    call.cancel()
+    wait_until(lambda: settled(live), "nothing held")
+    assert live.stub.ForkSession(pb.ForkSessionRequest(session_id=sid), timeout=30).token_count == 0
+    assert live.generate("a", session_id=sid, max_tokens=2).complete.generated_tokens == 2
+
+
+def test_one_call_counted_once_its_prompt_once_and_every_candidates_tokens(serve: Callable[..., Live]) -> None:
+    live = serve()
+    registry = live.server.app.metrics.registry
+
+    def value(name: str) -> float:
+        return registry.get_sample_value(name, {"model": "tiny"}) or 0.0
+
+    before = value("textgen_prompt_tokens_total"), value("textgen_generated_tokens_total")
+    reply = live.generate(PROMPT, n=3, seed=1, max_tokens=7)
+    prompt = reply.candidates[0].complete.prompt_tokens
+    after = value("textgen_prompt_tokens_total"), value("textgen_generated_tokens_total")
+    assert (after[0] - before[0], after[1] - before[1]) == (prompt, 3 * 7)
+    assert requests(live, "Generate", "OK") == 1
