@@ -182,13 +182,14 @@ class Servicer(pb_grpc.TextGenerationServicer):
     @contextlib.asynccontextmanager
     async def _ending(self, name: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         call = self._begin(name, request)
-        counted = False
+        counted = 0
         try:
             if isinstance(request, Malformed):
                 raise InvalidInputError(f"request: not a valid {request.type_name} message ({request.reason})")
-            self._check_open()
-            counted = True
-            self.in_progress += 1
+            weight = self._weight(request)
+            self._check_open(weight)
+            counted = weight
+            self.in_progress += weight
             yield
         except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: a stream closed while a message was sent
             call.end(_interrupted(context))
@@ -210,12 +211,23 @@ class Servicer(pb_grpc.TextGenerationServicer):
     def _principal(self, context: grpc.aio.ServicerContext) -> str:
         return principal_of(context, self.app.settings.trust_principal_metadata)
 
-    def _check_open(self) -> None:
+    def _weight(self, request: Any) -> int:
+        """How many calls in progress a call counts as: each candidate of a generate request (GenerateRequest.n)
+        holds a stream buffer, paused or not, as a call does, so that max_concurrent_rpcs bounds the server's
+        buffered memory whatever n is (an n over max_candidates is refused later, naming it)."""
+        settings = self.app.settings
+        n = request.n if isinstance(request, pb.GenerateRequest) and not request.num_beams > 1 else 0
+        return max(1, min(n, settings.max_concurrent_rpcs)) if n <= settings.max_candidates else 1
+
+    def _check_open(self, weight: int) -> None:
         if self.app.draining:
             raise UnavailableError("server is shutting down; retry on another replica")
         limit = self.app.settings.max_concurrent_rpcs
-        if self.in_progress >= limit:
-            raise OverloadedError(f"server busy: {self.in_progress} calls in progress (limit {limit}); retry later")
+        if self.in_progress + weight > limit:
+            counts = f"; this one counts {weight}, one per candidate" if weight > 1 else ""
+            raise OverloadedError(
+                f"server busy: {self.in_progress} calls in progress (limit {limit}{counts}); retry later"
+            )
 
     async def _run(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

@@ -41,7 +41,8 @@ class ServerSettings(BaseSettings):
     max_concurrent_rpcs: int = Field(
         1024,
         ge=1,
-        description="TextGeneration calls in progress at once; beyond it new calls get RESOURCE_EXHAUSTED (health "
+        description="TextGeneration calls in progress at once, a generate call with n candidates counting n; beyond "
+        "it new calls get RESOURCE_EXHAUSTED (health "
         "checks and reflection are not counted, so probes keep working under overload)",
     )
     keepalive_seconds: float = Field(60.0, gt=0, description="HTTP/2 keepalive ping interval")

@@ -163,3 +163,19 @@ def test_one_call_counted_once_its_prompt_once_and_every_candidates_tokens(serve
     after = value("textgen_prompt_tokens_total"), value("textgen_generated_tokens_total")
     assert (after[0] - before[0], after[1] - before[1]) == (prompt, 3 * 7)
     assert requests(live, "Generate", "OK") == 1
+
+
+def test_each_candidate_counts_against_max_concurrent_rpcs(serve: Callable[..., Live]) -> None:
+    # Each candidate holds a stream buffer (paused or not) as a call does: n candidates count n calls, so clients
+    # that read nothing cannot hold n times the buffered memory the call limit allows.
+    live = serve(max_concurrent_rpcs=4, max_tokens_limit=ENDLESS, stream_buffer_tokens=8)
+    servicer = live.server.server.servicer
+    call = live.stream(PROMPT, n=3, max_tokens=ENDLESS, seed=1, small_window=True)
+    wait_until(lambda: servicer.in_progress == 3, "the call counted as its 3 candidates")
+    err = rpc_error(live.generate, PROMPT, n=2, max_tokens=3)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+    assert "limit 4; this one counts 2, one per candidate" in err.details()
+    assert live.generate(PROMPT, max_tokens=3).complete.generated_tokens == 3  # one more call fits
+    assert rpc_error(live.generate, PROMPT, n=99).code() == grpc.StatusCode.INVALID_ARGUMENT  # named, not busy
+    call.cancel()
+    wait_until(lambda: servicer.in_progress == 0 and settled(live), "nothing held")
