@@ -17,6 +17,7 @@ import numpy as np
 from service import beam_generate, generation, resume, validation
 from service.constraints import Compiler, ConstraintSpec, Cursor
 from service.context import Context
+from service.contexts import Contexts
 from service.engine import Engine
 from service.generation import Generation, Outcome, Output
 from service.metrics import Metrics
@@ -26,18 +27,13 @@ from service.sequence import Delta, Result, Sequence
 from service.sessions import Session, SessionStore
 from service.settings import ServerSettings
 from service.snapshots import SnapshotCodec
-from textgen.errors import CancelledError, FailedPreconditionError, InvalidInputError, TextgenError
+from textgen.errors import CancelledError, InvalidInputError, TextgenError
 
 log = logging.getLogger("textgen.app")
 
-# Texts up to this many characters are encoded on the event loop (under 1 ms); longer ones on a worker thread,
-# so one huge prompt never holds up the other calls.
-_INLINE_ENCODE_CHARS = 1024
-# Likewise for the received tokens of a resumed stream, whose text is replayed through the stop matcher.
+# A resumed stream's received tokens (their text replayed through the stop matcher) up to this many are replayed on
+# the event loop, as a short prompt is encoded there (service.contexts); more on a worker thread.
 _INLINE_REPLAY_TOKENS = 256
-# How long a call on a session waits for the session's previous generation to settle: its result is there and its
-# final message is being delivered (the commit follows delivery, and a fast client may already be asking again).
-_SETTLE_WAIT_SECONDS = 5.0
 
 
 @dataclass
@@ -106,8 +102,8 @@ class App:
             log.warning("no snapshot key (TEXTGEN_SNAPSHOT_KEY_FILE): snapshots resume only on this server process")
         self.draining = False
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        self.contexts = Contexts(registry, self.sessions, self.snapshots, self._encoder, settings.max_prompt_tokens)
         self.constraints = {m.name: Compiler(m.tokenizer) for m in registry}  # GenerateRequest.regex, .choices
-        self._settling: dict[str, asyncio.Future[None]] = {}  # session id -> its last generation's settling
         self.predictor = Predictor(self)  # Predict calls (service/predict.py)
 
     def start(self) -> None:
@@ -140,38 +136,6 @@ class App:
             return "unknown"
 
     # -- generation -----------------------------------------------------------------------------------------
-    async def _encode(self, model: ServedModel, text: str, field_name: str) -> np.ndarray:
-        """``text``'s token ids within the prompt limit (checked before encoding where the length allows it)."""
-        limit = self.settings.max_prompt_tokens
-        model.check_length(text, field_name, limit)  # what can be refused without encoding is, before queueing
-        if len(text) <= _INLINE_ENCODE_CHARS:
-            return model.encode_prompt(text, field_name, limit)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._encoder, model.encode_prompt, text, field_name, limit)
-
-    @staticmethod
-    def _feed(model: ServedModel, ctx: Context, ids: np.ndarray) -> np.ndarray:
-        if ctx.pending >= 0:
-            ids = np.concatenate([[ctx.pending], ids]).astype(np.int64)
-        if ids.size == 0:  # nothing to continue from: start a new text, as every training text starts
-            ids = np.array([model.tokenizer.start_id], dtype=np.int64)
-        return ids
-
-    def _context_for(self, spec: GenerateSpec) -> tuple[Engine, Context, Session | None]:
-        if spec.session_id and spec.snapshot:
-            raise InvalidInputError("session_id, snapshot: give at most one of them")
-        if spec.session_id:
-            session = self.sessions.acquire(spec.session_id, spec.principal)
-            model = session.context.model
-            if spec.model and spec.model != model.name:
-                self.sessions.release(session)
-                raise InvalidInputError(f"model: session {spec.session_id!r} belongs to model {model.name}")
-            ctx = session.context.copy()  # the session changes only when the generation completes
-            return self.engines[model.name], ctx, session
-        model = self.registry.get(spec.model)
-        ctx = self.snapshots.load(spec.snapshot, model) if spec.snapshot else Context.fresh(model, spec.seed)
-        return self.engines[model.name], ctx, None
-
     async def start_generation(
         self,
         spec: GenerateSpec,
@@ -196,16 +160,14 @@ class App:
                 "resume: a session's stream cannot be resumed (the session lives on the replica that holds it); "
                 "carry the conversation as a snapshot to resume on any replica"
             )
-        if spec.session_id and not spec.snapshot:  # (both at once is refused by _context_for, naming them)
-            self.sessions.get(spec.session_id, spec.principal)  # NOT_FOUND before any wait: a wait would tell
-            await self._settled(spec.session_id)  # another principal that the session exists
-        engine, ctx, session = self._context_for(spec)
+        opened = await self.contexts.open(spec.model, spec.session_id, spec.snapshot, spec.principal, spec.seed)
+        engine, ctx, session = self.engines[opened.model.name], opened.context, opened.session
         try:
             params = validation.token_controls(params, spec, engine.model)  # the checks that need the model
             stop_ids = validation.token_ids("stop_token_ids", spec.stop_token_ids, engine.model)
             if spec.seed is not None and (session is not None or spec.snapshot):
                 ctx.reseed(spec.seed)
-            feed = self._feed(engine.model, ctx, await self._encode(engine.model, spec.prompt, "prompt"))
+            feed = Contexts.feed(engine.model, ctx, await self.contexts.encode(engine.model, spec.prompt, "prompt"))
             cursor = None
             if constraint is not None:  # compiled (or found compiled) and checked on a worker thread
                 start = self.constraints[engine.model.name].start
@@ -261,19 +223,6 @@ class App:
             return resume.replay(*args)
         return await asyncio.get_running_loop().run_in_executor(self._encoder, resume.replay, *args)
 
-    async def _settled(self, session_id: str) -> None:
-        """Wait (briefly) for the session's previous generation to settle, so a client that asks again the
-        moment it reads a final message finds the session committed, not busy."""
-        settling = self._settling.get(session_id)
-        if settling is None or settling.done():
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(settling), _SETTLE_WAIT_SECONDS)
-        except asyncio.TimeoutError:
-            raise FailedPreconditionError(
-                f"session {session_id!r} is still delivering its previous generation; read it to the end first"
-            ) from None
-
     async def follow(self, gen: Generation) -> AsyncIterator[tuple[list[Delta], Result | None]]:
         """The sequence's output as it comes: every delta produced since the last yield (so a reader that falls
         behind gets them coalesced), and the result with the last batch."""
@@ -304,8 +253,7 @@ class App:
         assert result is not None
         gen.reported += 1
         if gen.session is not None and gen.reported == gen.n and (result.context is not None or gen.reads_session):
-            gen.settled = asyncio.get_running_loop().create_future()
-            self._settling[gen.session.id] = gen.settled
+            gen.settled = self.contexts.settling(gen.session.id)
         snapshot = self.snapshots.dump(result.context) if gen.spec.return_snapshot and result.context else b""
         return Outcome(result, snapshot, gen.session.id if gen.session else "", index)
 
@@ -334,9 +282,7 @@ class App:
         if gen.session is not None:
             self.sessions.release(gen.session, result.context if gen.committed and result is not None else None)
             if gen.settled is not None:
-                gen.settled.set_result(None)
-                if self._settling.get(gen.session.id) is gen.settled:
-                    del self._settling[gen.session.id]
+                self.contexts.settled(gen.session.id, gen.settled)
 
     # -- scoring ----------------------------------------------------------------------------------------------
     async def score(
@@ -345,7 +291,7 @@ class App:
         model = self.registry.get(model_name)
         if not text:
             raise InvalidInputError("text: empty; nothing to score")
-        ids = await self._encode(model, text, "text")
+        ids = await self.contexts.encode(model, text, "text")
         if ids.size == 0:
             raise InvalidInputError("text: holds no tokens (only whitespace?)")
         feed = np.concatenate([[model.tokenizer.start_id], ids[:-1]]).astype(np.int64)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service.context import Context
+from service.contexts import Contexts
 from service.models import ServedModel, State
 from service.sessions import Session
 from service.word_search import Found, Vocabulary, log_softmax, search_words, top_tokens
@@ -141,21 +142,13 @@ class Predictor:
     async def predict(self, spec: PredictSpec, time_remaining: float | None = None) -> Predicted:
         """Validate ``spec``, run its context and search on the model's worker; every validation error names its
         field. With a session, the session is held (busy) until ``commit`` or ``end``."""
-        from service.app import App, GenerateSpec  # service.app builds the Predictor: imported when used
-
         n, max_chars, words = self._limits(spec)
         app = self.app
-        if spec.session_id and not spec.snapshot:  # as Generate: NOT_FOUND before waiting for the session to settle
-            app.sessions.get(spec.session_id, spec.principal)
-            await app._settled(spec.session_id)
-        context_spec = GenerateSpec(
-            model=spec.model, session_id=spec.session_id, snapshot=spec.snapshot, principal=spec.principal
-        )
-        engine, ctx, session = app._context_for(context_spec)
-        model = engine.model
+        opened = await app.contexts.open(spec.model, spec.session_id, spec.snapshot, spec.principal)
+        model, ctx, session = opened.model, opened.context, opened.session
         try:
-            ids = await app._encode(model, spec.text, "text")
-            feed = App._feed(model, ctx, ids)
+            ids = await app.contexts.encode(model, spec.text, "text")
+            feed = Contexts.feed(model, ctx, ids)
             job = _Job(
                 model,
                 self._vocab[model.name],
