@@ -219,7 +219,7 @@ class App:
     ) -> resume.Replay:
         tokens = resume.check(spec, engine.model, max_tokens, engine.resume_refusal)
         args = (spec, tokens, engine.output.text, stops, max_tokens, int(prompt_feed[-1]), stop_ids, cursor)
-        if tokens.size <= _INLINE_REPLAY_TOKENS:
+        if tokens.size <= _INLINE_REPLAY_TOKENS and cursor is None:  # (a pattern's token may cost a mask: ms)
             return resume.replay(*args)
         return await asyncio.get_running_loop().run_in_executor(self._encoder, resume.replay, *args)
 

@@ -84,11 +84,13 @@ class ConstraintSpec:
         # llguidance's own form of a choice grammar (llguidance.grammar_from("choice", ...)): JSON string literals.
         return cls("choices", " | ".join(json.dumps(c) for c in choices))
 
-    def grammar(self, then: str = "") -> str:
-        """The llguidance grammar: text that matches, or (``then``) text that matches followed by ``then`` or not.
-        One terminal, so the pattern's end is no lexeme boundary llguidance would have to guess."""
+    def grammar(self, then: str = "", alphabet: str = "") -> str:
+        """The llguidance grammar: text that matches, or (``then``) text that matches followed by ``then`` or not;
+        ``alphabet`` (a regex), only text of it. One terminal, so the pattern's end is no lexeme boundary llguidance
+        would have to guess."""
         optional = f" {json.dumps(then)}?" if then else ""
-        return f"{_NO_FORCING}start: MATCH\nMATCH: ({self.terminal}){optional}\n"
+        terminal = f"({self.terminal}) & {alphabet}" if alphabet else self.terminal
+        return f"{_NO_FORCING}start: MATCH\nMATCH: ({terminal}){optional}\n"
 
 
 class Advance(enum.Enum):
@@ -115,6 +117,8 @@ class Compiler:
         self.forms = [self.text.bare] if self.text.char else [self.text.spaced, self.text.bare]
         self.suffixes = ("",) if self.text.char else ("", " ", "\n")
         self.size = len(self.suffixes) * len(self.forms) * self.vocab  # llguidance's end token comes after
+        written = {ch for form in self.forms for i, piece in enumerate(form) if i != self.unk for ch in piece}
+        self.alphabet = "/[" + "".join(f"\\x{{{ord(ch):X}}}" for ch in sorted(written)) + "]*/"  # the text it writes
         self._lock = threading.Lock()
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._compiled: OrderedDict[ConstraintSpec, tuple[llguidance.LLMatcher, llguidance.LLMatcher | None]] = (
@@ -166,12 +170,27 @@ class Compiler:
         for matcher in matchers:
             if matcher.is_error():
                 raise InvalidInputError(f"{spec.field}: {_reason(matcher.get_error())}")
+        self._check_writable(spec, limits)
         compiled = (matchers[0], matchers[1] if len(matchers) > 1 else None)
         with self._lock:
             self._compiled[spec] = compiled
             while len(self._compiled) > self.cache_size:
                 self._compiled.popitem(last=False)
         return compiled
+
+    def _check_writable(self, spec: ConstraintSpec, limits: llguidance.LLParserLimits) -> None:
+        """Refuse a pattern every match of which needs a character no token has (``[a-z ]+Q``): its masks, which
+        know bytes, not the model's characters, would let it run to max_tokens without a match. Asked once per
+        compile of the pattern intersected with the model's characters; where that runs into a limit (the
+        intersection costs more, ``.{4000}``), the pattern is kept."""
+        probe = llguidance.LLMatcher(self.tokenizer(), spec.grammar(alphabet=self.alphabet), log_level=0, limits=limits)
+        bits = allocate_token_bitmask(1, self.size + 1)
+        if not probe.is_error():
+            fill_next_token_bitmask(probe, bits)
+        if probe.is_error() and probe.get_error().startswith("NoExtensionBias"):  # nothing can start: no match
+            raise InvalidInputError(
+                f"{spec.field}: no text this model can generate matches it (a character it needs is none)"
+            )
 
     def forget(self, spec: ConstraintSpec) -> None:
         """Drop a pattern that ran into a limit: its shared automaton may be what is full; a new compile starts
