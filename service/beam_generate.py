@@ -90,6 +90,7 @@ class BeamJob(Job):
     """One beam search, run on its model's worker thread."""
 
     what = "searching beams"
+    lane = "beams"  # a search holds its worker for up to max_tokens graph calls: Predict calls do not wait behind it
 
     def __init__(self, model: ServedModel, text: TokenText, context: Context, feed: np.ndarray, params: BeamParams):
         super().__init__(model)

@@ -4,9 +4,11 @@ chain of dependent graph calls on host states (Predict, beam search). Why not th
 which the engine's one slot per sequence does not do.
 
 A call's work is a ``Job``: it runs on its model's worker, calls ``check`` before every graph call (so a cancelled
-or expired call stops within one graph call), and holds nothing once it returns or raises. At most one job per
-model runs at a time; at most ``max_queue`` wait behind it (beyond: RESOURCE_EXHAUSTED); none is accepted while
-the server drains, and shutting down cancels every job."""
+or expired call stops within one graph call), and holds nothing once it returns or raises. Each model has a worker
+per ``Job.lane``: a beam search may hold its worker for max_tokens graph calls (seconds), so a keyboard's Predict
+calls must not queue behind one. At most one job per model and lane runs at a time; at most ``max_queue`` wait
+behind it (beyond: RESOURCE_EXHAUSTED); none is accepted while the server drains, and shutting down cancels every
+job."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class Job:
     """One call's model work; subclasses define ``run`` (on the worker thread)."""
 
     what = "working"  # for the deadline's message: "deadline exceeded while <what>"
+    lane = "predict"  # jobs of one lane run one at a time, in order; another lane's run beside them
 
     def __init__(self, model: ServedModel) -> None:
         self.model = model
@@ -45,52 +48,59 @@ class Job:
 
 
 class ModelWorkers:
-    """The app's off-engine model work: one worker thread and one bounded queue per model."""
+    """The app's off-engine model work: one worker thread and one bounded queue per model and lane."""
 
     def __init__(self, app: App) -> None:
         self.app = app
-        self._workers = {
-            m.name: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-work-{m.name}") for m in app.registry
-        }
-        self._jobs: dict[str, set[Job]] = {m.name: set() for m in app.registry}  # queued or running
-        self._running: dict[str, Job | None] = {m.name: None for m in app.registry}
+        # by (model, lane), made on a lane's first job
+        self._workers: dict[tuple[str, str], ThreadPoolExecutor] = {}
+        self._jobs: dict[tuple[str, str], set[Job]] = {}  # queued or running
+        self._running: dict[tuple[str, str], Job] = {}
+        self._stopped = False
 
     @property
     def idle(self) -> bool:
         return not any(self._jobs.values())
 
     def running(self, model: str) -> Job | None:
-        """The job ``model``'s worker runs now, if any."""
-        return self._running[model]
+        """A job one of ``model``'s workers runs now, if any."""
+        return next((job for (name, _), job in list(self._running.items()) if name == model), None)
 
     def stop(self) -> None:
-        for name, worker in self._workers.items():
-            for job in list(self._jobs[name]):
+        self._stopped = True
+        for key, worker in list(self._workers.items()):
+            for job in list(self._jobs[key]):
                 job.cancel_reason = CancelledError("the server is shutting down")
             worker.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, job: Job, time_remaining: float | None = None) -> Any:
         """Run ``job`` on its model's worker and return what it returns; a cancelled await cancels the job."""
         name = job.model.name
-        jobs = self._jobs[name]
+        key = (name, job.lane)
+        jobs = self._jobs.setdefault(key, set())
         if len(jobs) > self.app.settings.max_queue:
             raise OverloadedError(f"model {name}: worker queue full ({len(jobs)} calls waiting); retry later")
         if self.app.draining:
             raise UnavailableError("server is shutting down; retry on another replica")
+        if self._stopped:
+            raise CancelledError("the server is shutting down")
         if time_remaining is not None:
             job.deadline = time.monotonic() + time_remaining
 
         def run() -> Any:
-            self._running[name] = job
+            self._running[key] = job
             try:
                 return job.run()
             finally:
-                self._running[name] = None
+                del self._running[key]
                 jobs.discard(job)  # only once the worker is done with it: ``idle`` means no model work left
 
         jobs.add(job)
         try:
-            future = self._workers[name].submit(run)
+            worker = self._workers.get(key)
+            if worker is None:
+                worker = self._workers[key] = ThreadPoolExecutor(1, f"model-work-{name}-{job.lane}")
+            future = worker.submit(run)
         except RuntimeError:  # shut down
             jobs.discard(job)
             raise CancelledError("the server is shutting down") from None
