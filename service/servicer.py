@@ -23,6 +23,7 @@ from service.metrics import Call
 from service.predict_messages import predict_reply, predict_spec_of
 from service.principals import principal_of
 from service.sequence import Result
+from service.stream_messages import stream_messages
 from service.write_guard import WriteGuard
 from textgen.errors import (
     CancelledError,
@@ -286,23 +287,19 @@ class Servicer(pb_grpc.TextGenerationServicer):
 
     @_rpc
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        logprobs = bool(request.logprobs or request.top_logprobs)  # top_logprobs implies logprobs
         started: set[int] = set()  # candidates that sent their first message
         ended = 0
+        limit = self.app.settings.max_message_bytes
         async for gen, items in self._run(request, context):
             for out, outcome in items:
-                msg = pb.GenerateStreamResponse(text="".join(d.text for d in out.deltas), index=out.index)
-                if logprobs:
-                    msg.logprobs.extend(logprobs_of(out.deltas))
-                if request.return_token_ids:
-                    msg.token_ids.extend(d.token for d in out.deltas if d.token >= 0)
-                    if out.index not in started:
-                        msg.model_version = gen.model.version
-                        started.add(out.index)
-                if outcome is not None:
-                    msg.complete.CopyFrom(completion_of(gen.model, outcome))
-                    ended += 1
-                await self._write(context, msg)
+                version = ""
+                if request.return_token_ids and out.index not in started:
+                    version = gen.model.version
+                    started.add(out.index)
+                complete = completion_of(gen.model, outcome) if outcome is not None else None
+                ended += complete is not None
+                for msg in stream_messages(request, out.index, out.deltas, version, complete, limit):
+                    await self._write(context, msg)
                 if ended == gen.n:
                     self.app.commit(gen)  # the transport took the last final message
 
