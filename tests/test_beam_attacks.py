@@ -56,3 +56,23 @@ def test_a_predict_is_answered_while_a_search_runs(serve: Callable[..., Live]) -
     app = live.server.app
     wait_until(lambda: app.predictor.idle and not app.busy, "the workers idle")
     assert app.predictor.workers.running(MODEL) is None
+
+
+def test_a_queued_search_cancelled_before_it_starts_holds_nothing(serve: Callable[..., Live]) -> None:
+    """A search waiting behind another is dropped from the queue when its client cancels; once the running one is
+    cancelled too, the workers are idle and a session the queued one held is released unchanged."""
+    live = serve(max_tokens_limit=ENDLESS)
+    app = live.server.app
+    session = live.stub.CreateSession(pb.CreateSessionRequest(), timeout=CALL_TIMEOUT).session_id
+    running = _running_search(live)
+    queued = live.stub.Generate.future(
+        pb.GenerateRequest(prompt=PROMPT, num_beams=2, max_tokens=4, session_id=session), timeout=CALL_TIMEOUT
+    )
+    wait_until(lambda: live.on_loop(lambda: app.sessions.get(session).busy), "the queued search holding its session")
+    assert not app.predictor.idle
+    queued.cancel()
+    wait_until(lambda: live.on_loop(lambda: not app.sessions.get(session).busy), "the session released")
+    assert not running.done()  # the running search goes on
+    running.cancel()
+    wait_until(lambda: app.predictor.idle and not app.busy, "the workers idle")
+    assert live.on_loop(lambda: app.sessions.get(session).context.token_count) == 0
