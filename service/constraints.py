@@ -41,12 +41,14 @@ from textgen.errors import FailedPreconditionError, InvalidInputError
 from textgen.tokenizer import TextTokenizer
 
 # Work and memory one pattern may cost. Fuel is llguidance's unit of lexer work (about 100 ns): building a
-# pattern may spend the initial fuel (~20 ms), a mask the step fuel (~10 ms, a tenth of llguidance's default);
-# states are shared by the generations of one compiled pattern, about 200 bytes each. Measured on a 65-character
+# pattern may spend the initial fuel (~20 ms), a mask the step fuel (~5 ms, a twentieth of llguidance's default:
+# masks run on the engine thread, so a row's mask delays its whole batch's step); states are shared by the
+# generations of one compiled pattern, about 1 KB each (a full automaton of 50,000 states measured 51 MB), so a
+# compiled pattern holds at most about 10 MB and a model's cache a few hundred MB at worst. Measured on a 65-character
 # and a 10,000-word model: x{1000}{1000}, ((a{100}){100}){100} and (a|b)*a(a|b){30} start in 1-2 ms and mask in
 # 30-100 us; 256 choices of 16 characters or \p{L}{4000} start in under 10 ms; (\w+\s*){1000} on the word model
 # runs out of step fuel within a few dozen words and fails as too complex.
-LIMITS = {"initial_lexer_fuel": 200_000, "step_lexer_fuel": 100_000, "max_lexer_states": 50_000}
+LIMITS = {"initial_lexer_fuel": 200_000, "step_lexer_fuel": 50_000, "max_lexer_states": 10_000}
 CACHED_PATTERNS = 32  # compiled patterns kept per model
 _NO_FORCING = '%llguidance {"no_forcing": true}\n'
 _CEILING = np.array([-np.inf, np.inf], np.float32)  # a mask bit -> the ceiling the sampler applies
