@@ -61,6 +61,8 @@ def token_controls(params: SamplingParams, spec: GenerateSpec, model: ServedMode
     ``logit_bias_text`` keys as its tokens, allowed and banned ids (every error names its field and entry)."""
     allowed = token_ids("allowed_token_ids", spec.allowed_token_ids, model)
     banned = token_ids("banned_token_ids", spec.banned_token_ids, model)
+    if len(banned) == model.vocab_size:  # nothing could be generated (with allowed ids: textgen.logit_controls)
+        raise InvalidInputError(f"banned_token_ids: bans every token of {model.name}; nothing could be generated")
     bias = dict(params.logit_bias)
     for token in bias:
         if token >= model.vocab_size:

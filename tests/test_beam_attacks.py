@@ -76,3 +76,13 @@ def test_a_queued_search_cancelled_before_it_starts_holds_nothing(serve: Callabl
     running.cancel()
     wait_until(lambda: app.predictor.idle and not app.busy, "the workers idle")
     assert live.on_loop(lambda: app.sessions.get(session).context.token_count) == 0
+
+
+def test_banning_every_token_is_refused_naming_the_field(serve: Callable[..., Live]) -> None:
+    # Nothing could be generated: sampling would return excluded tokens, a beam search no candidate at all.
+    live = serve()
+    everything = list(range(live.engine.model.vocab_size))
+    for fields in ({}, {"num_beams": 2}):
+        err = rpc_error(live.generate, "the ", max_tokens=3, banned_token_ids=everything, **fields)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.details().startswith("banned_token_ids: bans every token")
