@@ -137,7 +137,7 @@ class BeamCall:
             beam_score=beam.score,
             prompt_tokens=int(job.feed.size),
             generated_tokens=len(beam.token_ids),
-            seed=ctx.seed,
+            seed=0,  # a beam search samples nothing (Completion.seed)
             context=_after(ctx, job.feed, beam) if self.snapshots else None,
             queue_seconds=job.started - job.arrived,
             prompt_seconds=job.searching - job.started,

@@ -226,8 +226,9 @@ def _summary(complete: Any, seconds: float, label: str = "") -> str:
     return (
         f"[{label}{reason}; {complete.prompt_tokens} prompt + {complete.generated_tokens} generated tokens in "
         f"{seconds:.2f} s ({complete.generated_tokens / max(seconds, 1e-9):.0f} tokens/s); first token "
-        f"{complete.timings.first_token_seconds * 1000:.1f} ms; seed {complete.seed}; "
-        f"{complete.model}:{complete.model_version}"
+        f"{complete.timings.first_token_seconds * 1000:.1f} ms; "
+        + ("" if complete.HasField("beam_score") else f"seed {complete.seed}; ")  # a beam search samples nothing
+        + f"{complete.model}:{complete.model_version}"
         + (f"; stop token {complete.stop_token_id}" if complete.HasField("stop_token_id") else "")
         + (f"; beam score {complete.beam_score:.4f}" if complete.HasField("beam_score") else "")
         + (f"; session {complete.session_id}" if complete.session_id else "")
