@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service import beam_generate, generation, resume, validation
+from service.admission import Admission
 from service.constraints import Compiler, ConstraintSpec, Cursor
 from service.context import Context
 from service.contexts import Contexts
@@ -101,6 +102,7 @@ class App:
         if self.snapshots.ephemeral_key:
             log.warning("no snapshot key (TEXTGEN_SNAPSHOT_KEY_FILE): snapshots resume only on this server process")
         self.draining = False
+        self.admission = Admission(settings, lambda: self.draining)  # calls in progress, over every transport
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self.contexts = Contexts(registry, self.sessions, self.snapshots, self._encoder, settings.max_prompt_tokens)
         self.constraints = {m.name: Compiler(m.tokenizer) for m in registry}  # GenerateRequest.regex, .choices
@@ -238,6 +240,24 @@ class App:
                 yield deltas, result
             if result is not None:
                 return
+
+    async def run(
+        self, spec: GenerateSpec, loop: asyncio.AbstractEventLoop, time_remaining: float | None = None
+    ) -> AsyncIterator[tuple[Generation, list[tuple[Output, Outcome | None]]]]:
+        """A generate call as a transport drives it (gRPC and HTTP alike): at each wake-up, each candidate's new
+        output with its outcome when it ended. The caller commits once every final message is delivered; however
+        the call ends, the generation is settled here. A candidate that failed fails the call."""
+        gen = await self.start_generation(spec, loop, time_remaining)
+        try:
+            async for outs in self.outputs(gen):
+                items = []
+                for out in outs:
+                    if out.result is not None and out.result.error is not None:
+                        raise out.result.error
+                    items.append((out, self.outcome(gen, out) if out.result is not None else None))
+                yield gen, items
+        finally:
+            self.end_generation(gen)
 
     def outputs(self, gen: Generation) -> AsyncIterator[list[Output]]:
         """The generation's output as it comes, as per-candidate items (``service.generation.follow``; a beam

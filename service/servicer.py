@@ -29,10 +29,8 @@ from textgen.errors import (
     CancelledError,
     DeadlineExceededError,
     InvalidInputError,
-    OverloadedError,
     SlowReaderError,
     TextgenError,
-    UnavailableError,
 )
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as pb_grpc
@@ -177,29 +175,27 @@ class _Parts:
 class Servicer(pb_grpc.TextGenerationServicer):
     def __init__(self, app: App) -> None:
         self.app = app
-        self.in_progress = 0  # calls inside a handler, bounded by max_concurrent_rpcs
         self.guard = WriteGuard(app.settings.max_pause_seconds)
+
+    @property
+    def in_progress(self) -> int:
+        """Calls in progress, over every transport (``service.admission``)."""
+        return self.app.admission.in_progress
 
     @contextlib.asynccontextmanager
     async def _ending(self, name: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         call = self._begin(name, request)
-        counted = 0
         try:
             if isinstance(request, Malformed):
                 raise InvalidInputError(f"request: not a valid {request.type_name} message ({request.reason})")
-            weight = self._weight(request)
-            self._check_open(weight)
-            counted = weight
-            self.in_progress += weight
-            yield
+            with self.app.admission.hold(self._weight(request)):
+                yield
         except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: a stream closed while a message was sent
             call.end(_interrupted(context))
             raise
         except Exception as exc:
             call.end(exc)
             await _abort(name, context, exc)
-        finally:
-            self.in_progress -= counted
         call.end()
 
     def _begin(self, method: str, request: Any) -> Call:
@@ -213,42 +209,15 @@ class Servicer(pb_grpc.TextGenerationServicer):
         return principal_of(context, self.app.settings.trust_principal_metadata)
 
     def _weight(self, request: Any) -> int:
-        """How many calls in progress a call counts as: each candidate of a generate request (GenerateRequest.n)
-        holds a stream buffer, paused or not, as a call does, so that max_concurrent_rpcs bounds the server's
-        buffered memory whatever n is (an n over max_candidates is refused later, naming it)."""
-        settings = self.app.settings
-        n = request.n if isinstance(request, pb.GenerateRequest) and not request.num_beams > 1 else 0
-        return max(1, min(n, settings.max_concurrent_rpcs)) if n <= settings.max_candidates else 1
+        if not isinstance(request, pb.GenerateRequest):
+            return 1
+        return self.app.admission.weight(request.n, request.num_beams)
 
-    def _check_open(self, weight: int) -> None:
-        if self.app.draining:
-            raise UnavailableError("server is shutting down; retry on another replica")
-        limit = self.app.settings.max_concurrent_rpcs
-        if self.in_progress + weight > limit:
-            counts = f"; this one counts {weight}, one per candidate" if weight > 1 else ""
-            raise OverloadedError(
-                f"server busy: {self.in_progress} calls in progress (limit {limit}{counts}); retry later"
-            )
-
-    async def _run(
+    def _run(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tuple[Generation, list[tuple[Output, Outcome | None]]]]:
-        """Yield (generation, items) for a generate call: at each wake-up, each candidate's new output with its
-        outcome when it ended. The caller commits once every final message is delivered; however the call ends,
-        the generation is settled here. A candidate that failed fails the call."""
-        gen = await self.app.start_generation(
-            spec_of(request, self._principal(context)), asyncio.get_running_loop(), context.time_remaining()
-        )
-        try:
-            async for outs in self.app.outputs(gen):
-                items = []
-                for out in outs:
-                    if out.result is not None and out.result.error is not None:
-                        raise out.result.error
-                    items.append((out, self.app.outcome(gen, out) if out.result is not None else None))
-                yield gen, items
-        finally:
-            self.app.end_generation(gen)
+        spec = spec_of(request, self._principal(context))
+        return self.app.run(spec, asyncio.get_running_loop(), context.time_remaining())
 
     @_rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
