@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.app import App
+from service.http_server import HttpServer
 from service.models import ModelRegistry
 from service.servicer import Servicer, add_to_server
 from service.settings import ServerSettings
@@ -69,6 +70,7 @@ class TextgenServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
+        self.http: HttpServer | None = None  # the OpenAI-compatible HTTP API (http_port)
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
@@ -96,9 +98,13 @@ class TextgenServer:
                 raise ConfigError(
                     f"cannot serve metrics on {_address(settings.host, settings.metrics_port)}: {exc}"
                 ) from None
+        if settings.http_port is not None:
+            self.http = HttpServer(self.app)
         self.app.start()
         await server.start()
         self._server, self.port = server, port
+        if self.http is not None:
+            self.http.start()
         for name in ("", SERVICE_NAME, *(model_health_name(m.name) for m in self.registry)):
             await self.health.set(name, SERVING)
         log.info(
@@ -108,6 +114,9 @@ class TextgenServer:
             "mutual TLS" if settings.tls_client_ca_file else "TLS" if creds else "plaintext",
             f"; metrics on http://{_address(settings.host, self.metrics_port)}/metrics" if self.metrics_port else "",
         )
+        if self.http is not None:
+            scheme = "https" if self.http.tls else "http"
+            log.info("HTTP API (OpenAI-compatible) on %s://%s/v1", scheme, _address(settings.host, self.http.port))
         return port
 
     async def shutdown(self, grace: float | None = None) -> None:
@@ -125,6 +134,8 @@ class TextgenServer:
             log.warning("grace period over: cancelling what is still running")
         self.app.stop()  # anything left ends with finish reason CANCELLED
         await asyncio.sleep(0.05)  # let the final messages go out
+        if self.http is not None:
+            await self.http.stop()
         await self._server.stop(grace=1.0)
         await self.servicer.guard.close()
         self.app.metrics.close()

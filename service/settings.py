@@ -27,6 +27,13 @@ class ServerSettings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Prometheus /metrics HTTP port (unset: no metrics endpoint)"
     )
+    http_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="OpenAI-compatible HTTP API port (/v1/completions, /v1/models, /health, /health/ready), served "
+        "by the same process and engine as gRPC, with the same TLS (unset: no HTTP API; 0: any free port)",
+    )
     tls_cert_file: Path | None = Field(None, description="server certificate chain (PEM); enables TLS")
     tls_key_file: Path | None = Field(None, description="server private key (PEM)")
     tls_client_ca_file: Path | None = Field(
@@ -248,6 +255,9 @@ class ServerSettings(BaseSettings):
                 raise ValueError(f"{name}: no such file {path}")
         if self.metrics_port is not None and self.metrics_port == self.port and self.port != 0:
             raise ValueError(f"metrics_port and port are both {self.port}")
+        ports = [p for p in (self.port, self.metrics_port, self.http_port) if p]
+        if self.http_port and ports.count(self.http_port) > 1:
+            raise ValueError(f"http_port {self.http_port} is also another port of this server")
         return self
 
 

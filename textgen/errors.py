@@ -1,7 +1,21 @@
 """Domain errors. Each carries the gRPC status it maps to, by name, so this module needs no grpc import;
-the service maps ``status`` to ``grpc.StatusCode`` in one place and the CLI prints the message on one line."""
+the service maps ``status`` to ``grpc.StatusCode`` in one place and the CLI prints the message on one line.
+``HTTP_STATUS`` maps the same names to the HTTP API's status codes (service/http_api.py)."""
 
 from __future__ import annotations
+
+# A domain status (gRPC's name) as an HTTP status code: the one table the HTTP API answers by. CANCELLED is
+# nginx's 499 (client closed request): never seen by that client, but logged and counted.
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "NOT_FOUND": 404,
+    "FAILED_PRECONDITION": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "CANCELLED": 499,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
 
 
 class TextgenError(Exception):

@@ -1,0 +1,237 @@
+"""The HTTP transport: an OpenAI-compatible API (``POST /v1/completions``, ``GET /v1/models``) and health endpoints
+for load balancers (``/health``: alive; ``/health/ready`` and ``/ready``: taking work), on the app and engine the
+gRPC transport uses, so batching, sessions, limits and metrics are shared. A Starlette application; the server is
+uvicorn on the gRPC server's event loop (service/http_server.py).
+
+Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the HTTP status of the domain
+error (``textgen.errors.HTTP_STATUS``, the one table)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from service import openai_api
+from service.app import App
+from service.generation import Outcome
+from service.principals import MAX_PRINCIPAL_CHARS, address_principal
+from service.sse import EventStream, until_disconnect
+from textgen.client import PRINCIPAL_METADATA_KEY
+from textgen.errors import HTTP_STATUS, InvalidInputError, TextgenError
+
+log = logging.getLogger("textgen.http")
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
+    kind = "rate_limit_error" if status == 429 else kind
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """An error as OpenAI's error object with its HTTP status; anything but a domain error is a bug: logged, 500."""
+    if isinstance(exc, TextgenError):
+        status = HTTP_STATUS.get(exc.status, 500)
+        return JSONResponse(error_body(status, str(exc), openai_api.param_of(exc), exc.reason), status)
+    log.error("internal error in the HTTP API", exc_info=exc)
+    return JSONResponse(error_body(500, "internal error (logged on the server)", None, "internal"), 500)
+
+
+class PayloadTooLargeError(InvalidInputError):
+    """A request body over max_message_bytes (HTTP 413; INVALID_ARGUMENT as a domain error)."""
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON, refused (413) as soon as it is known to exceed ``limit`` bytes: by its Content-Length, or
+    while it is read, never buffering more than the limit."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise PayloadTooLargeError(f"request: {length} bytes exceed this server's max_message_bytes ({limit})")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"request: the body exceeds this server's max_message_bytes ({limit})")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"request: not valid JSON ({exc})") from None
+
+
+def principal(request: Request, trust_header: bool) -> str:
+    """The caller, as gRPC's ``principal_of`` names it: the trusted proxy's header when trusted, else its address
+    (a client certificate's subject is not passed on by uvicorn: over HTTPS with mutual TLS, callers are known by
+    address)."""
+    if trust_header:
+        sent = request.headers.getlist(PRINCIPAL_METADATA_KEY)
+        if len(sent) > 1:
+            raise InvalidInputError(f"{PRINCIPAL_METADATA_KEY}: sent {len(sent)} times; give it once")
+        if sent and sent[0]:
+            if len(sent[0]) > MAX_PRINCIPAL_CHARS:
+                raise InvalidInputError(f"{PRINCIPAL_METADATA_KEY}: over {MAX_PRINCIPAL_CHARS} characters")
+            return "metadata:" + sent[0]
+    host, port = request.client or ("", 0)
+    return address_principal(f"{'ipv6' if ':' in host else 'ipv4'}:{host}:{port}")
+
+
+class HttpApi:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.ready = False  # set once serving; cleared when draining starts
+        routes = [
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/health/ready", self.readiness, methods=["GET"]),
+            Route("/ready", self.readiness, methods=["GET"]),
+        ]
+        handlers = {HTTPException: self._http_error, Exception: self._http_error}
+        self.asgi = Starlette(routes=routes, exception_handlers=handlers)  # type: ignore[arg-type]
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        if isinstance(exc, HTTPException):  # no such route, method not allowed
+            return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code)
+        return error_response(exc)
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readiness(self, request: Request) -> Response:
+        if not self.ready or self.app.draining:
+            return JSONResponse(error_body(503, "not ready: starting or shutting down", code="unavailable"), 503)
+        return JSONResponse({"status": "ready"})
+
+    async def models(self, request: Request) -> Response:
+        data = [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": "textgen", "textgen": {"version": m.version}}
+            for m in self.app.registry
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def completions(self, request: Request) -> Response:
+        settings = self.app.settings
+        try:
+            body = openai_api.parse_request(await read_json(request, settings.max_message_bytes))
+            spec = openai_api.spec_of(body, principal(request, settings.trust_principal_metadata))
+        except PayloadTooLargeError as exc:
+            return JSONResponse(error_body(413, str(exc), None, "too_large"), 413)
+        admitted = contextlib.ExitStack()
+        try:
+            admitted.enter_context(self.app.admission.hold(self.app.admission.weight(spec.n, spec.num_beams)))
+            run = self.app.run(spec, asyncio.get_running_loop())
+            if body.stream:
+                include_usage = bool((body.stream_options or {}).get("include_usage"))
+                chunks = self._chunks(run, await until_disconnect(request.receive, anext(run)), include_usage)
+                return EventStream(chunks, admitted.close)
+            with admitted:
+                return await until_disconnect(request.receive, self._complete(run, spec.logprobs))
+        except BaseException:
+            admitted.close()
+            raise
+
+    async def _complete(self, run: AsyncIterator[Any], logprobs: bool) -> Response:
+        texts: dict[int, list[str]] = {}
+        lps: dict[int, openai_api.Logprobs] = {}
+        outcomes: dict[int, Outcome] = {}
+        gen = None
+        async with contextlib.aclosing(run):
+            async for gen, items in run:
+                for out, outcome in items:
+                    texts.setdefault(out.index, []).extend(d.text for d in out.deltas)
+                    if logprobs:
+                        lps.setdefault(out.index, openai_api.Logprobs()).add(out.deltas)
+                    if outcome is not None:
+                        outcomes[out.index] = outcome
+                if len(outcomes) == gen.n:
+                    break
+            assert gen is not None
+            reply = openai_api.envelope(gen.model.name, gen.model.version)
+            reply["choices"] = [
+                {
+                    "index": i,
+                    "text": "".join(texts.get(i, [])),
+                    "logprobs": lps[i].since() if i in lps else None,
+                    "finish_reason": openai_api.finish_reason(outcomes[i]),
+                    "textgen": openai_api.choice_extension(outcomes[i]),
+                }
+                for i in sorted(outcomes)
+            ]
+            reply["usage"] = openai_api.usage(list(outcomes.values()))
+            self.app.commit(gen)
+        return JSONResponse(reply)
+
+    async def _chunks(self, run: AsyncIterator[Any], first: Any, include_usage: bool) -> AsyncIterator[bytes]:
+        """The stream's server-sent events: a chunk per candidate per wake-up, ``data: [DONE]`` at the end."""
+        async with contextlib.aclosing(run):
+            gen, items = first
+            head = openai_api.envelope(gen.model.name, gen.model.version)
+            lps: dict[int, openai_api.Logprobs] = {}
+            outcomes: list[Outcome] = []
+            try:
+                while True:
+                    for out, outcome in items:
+                        choice: dict[str, Any] = {"index": out.index, "text": "".join(d.text for d in out.deltas)}
+                        if gen.spec.logprobs:
+                            choice["logprobs"] = lps.setdefault(out.index, openai_api.Logprobs()).add(out.deltas)
+                        else:
+                            choice["logprobs"] = None
+                        choice["finish_reason"] = None
+                        if outcome is not None:
+                            outcomes.append(outcome)
+                            choice["finish_reason"] = openai_api.finish_reason(outcome)
+                            choice["textgen"] = openai_api.choice_extension(outcome)
+                        yield _event({**head, "choices": [choice]})
+                    if len(outcomes) == gen.n:
+                        break
+                    gen, items = await anext(run)
+                if include_usage:
+                    yield _event({**head, "choices": [], "usage": openai_api.usage(outcomes)})
+                yield b"data: [DONE]\n\n"
+                self.app.commit(gen)  # the transport took the last final chunk
+            except TextgenError as exc:  # the status line is sent: the error is the stream's last event
+                yield _event(json.loads(error_response(exc).body))
+                yield b"data: [DONE]\n\n"
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+MetricsHook = Callable[[str, int, float], None]
+
+
+def counted(asgi: Callable[[Scope, Receive, Send], Awaitable[None]], observe: MetricsHook) -> Any:
+    """``asgi`` with each HTTP request counted (``observe(path, status, seconds)``) once its response ends."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await asgi(scope, receive, send)
+        clock = asyncio.get_running_loop().time
+        start, status = clock(), 499  # a response never started: the client went away
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await asgi(scope, receive, sending)
+        except BaseException:
+            status = 500 if status == 499 else status
+            raise
+        finally:
+            observe(scope["path"], status, clock() - start)
+
+    return wrapped

@@ -1,0 +1,73 @@
+"""The HTTP API's server (service/http_api.py): uvicorn on the gRPC server's running event loop (no thread or loop
+of its own, so the API drives the app exactly as the gRPC handlers do), on its own port, with the gRPC server's TLS
+certificate and key (and client CA: mutual TLS). It stops with the gRPC server: readiness turns 503 and new
+requests are refused with 503 while the server drains (``App.draining``, ``service.admission``), then open
+connections are closed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Iterator
+
+import uvicorn
+
+from service.app import App
+from service.http_api import HttpApi, counted
+from textgen.errors import ConfigError
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Leave signals to textgen's own handlers: SIGTERM drains the whole server (gRPC and HTTP alike)."""
+        yield
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        dual = host == "::" and socket.has_dualstack_ipv6()  # as gRPC's [::]: IPv4 clients too
+        return socket.create_server((host, port), family=family, backlog=2048, dualstack_ipv6=dual)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve the HTTP API on {host}:{port}: {exc}") from None
+
+
+class HttpServer:
+    def __init__(self, app: App) -> None:
+        settings = app.settings
+        self.api = HttpApi(app)
+        config = uvicorn.Config(
+            counted(self.api.asgi, app.metrics.http),
+            ssl_certfile=settings.tls_cert_file,
+            ssl_keyfile=settings.tls_key_file,
+            ssl_ca_certs=settings.tls_client_ca_file,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if settings.tls_client_ca_file else ssl.CERT_NONE,
+            lifespan="off",
+            access_log=False,
+            log_config=None,  # the process's logging (service/server.py) applies
+            timeout_graceful_shutdown=1.0,  # streams were given the grace period while the app drained
+            # an HTTP/1.1 connection's request line and headers (the body is bounded by the API: max_message_bytes)
+            h11_max_incomplete_event_size=64 * 1024,
+        )
+        self._server = _Server(config)
+        self._socket = _listen(settings.host, settings.http_port or 0)
+        self.port: int = self._socket.getsockname()[1]
+        self.tls = settings.tls_cert_file is not None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Serve on the running loop (the socket already listens: connections wait in its backlog meanwhile)."""
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[self._socket]))
+        self.api.ready = True
+
+    async def stop(self) -> None:
+        self.api.ready = False
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        await self._task
+        self._task = None

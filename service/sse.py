@@ -1,0 +1,61 @@
+"""Waiting on an HTTP client that may go away: ``until_disconnect`` runs a coroutine and cancels it if the client
+disconnects first; ``EventStream`` is a server-sent-events response whose producer is cancelled (and closed, so a
+generation behind it ends and frees its batch slot) as soon as the client disconnects, not at its next write."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from starlette.types import Receive, Scope, Send
+
+from textgen.errors import CancelledError
+
+T = TypeVar("T")
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """``await work``, cancelled (``CancelledError``, the domain's) if the client disconnects first. The request
+    body must have been read: what ``receive`` gives after it is the disconnect."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # it ends (and settles what it holds) first
+    if task.cancelled():
+        raise CancelledError("the client disconnected")
+    return task.result()
+
+
+class EventStream:
+    """An ASGI response of ``text/event-stream`` events from ``chunks``; ``on_close`` runs however it ends."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], Any]) -> None:
+        self.chunks = chunks
+        self.on_close = on_close
+
+    async def _pump(self, send: Send) -> None:
+        headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        async for chunk in self.chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await until_disconnect(receive, self._pump(send))
+        except CancelledError:
+            pass  # the client went away: nothing to answer
+        finally:
+            await self.chunks.aclose()  # (a producer never started holds its generation until closed)
+            self.on_close()
