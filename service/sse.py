@@ -54,8 +54,8 @@ class EventStream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await until_disconnect(receive, self._pump(send))
-        except CancelledError:
-            pass  # the client went away: nothing to answer
+        except (CancelledError, OSError):
+            pass  # the client went away (seen waiting, or writing: uvicorn's ClientDisconnected): nothing to answer
         finally:
             await self.chunks.aclose()  # (a producer never started holds its generation until closed)
             self.on_close()
