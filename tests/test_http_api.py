@@ -16,6 +16,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from textgen.v1 import textgen_pb2 as pb
+
 from live_server import CALL_TIMEOUT, ENDLESS, MODEL, Live, wait_until
 
 
@@ -205,3 +207,36 @@ def test_http_requests_are_counted_by_endpoint_and_status(live: Live) -> None:
     assert http_requests(live, endpoint="/health", code="200") == 1
     assert http_requests(live, endpoint="/v1/completions", code="400") == 1
     assert http_requests(live, endpoint="other", code="404") == 1
+
+
+def test_sessions_and_snapshots_over_http_continue_as_over_grpc(live: Live) -> None:
+    def session() -> str:
+        return live.stub.CreateSession(pb.CreateSessionRequest(model=MODEL, seed=5), timeout=CALL_TIMEOUT).session_id
+
+    over_grpc, over_http = session(), session()
+    for prompt in ("the ", "and "):
+        expected = live.generate(prompt, session_id=over_grpc, max_tokens=6).text
+        status, reply = call(
+            live, "POST", "/v1/completions", {"prompt": prompt, "session_id": over_http, "max_tokens": 6}
+        )
+        assert status == 200 and reply["choices"][0]["text"] == expected
+        assert reply["choices"][0]["textgen"]["session_id"] == over_http
+
+    first = {"prompt": "the ", "max_tokens": 6, "seed": 9, "return_snapshot": True}
+    status, reply = call(live, "POST", "/v1/completions", first)
+    snapshot = reply["choices"][0]["textgen"]["snapshot"]
+    grpc_snapshot = live.generate("the ", max_tokens=6, seed=9, return_snapshot=True).complete.snapshot
+    expected = live.generate("and ", max_tokens=6, snapshot=grpc_snapshot).text
+    status, reply = call(live, "POST", "/v1/completions", {"prompt": "and ", "max_tokens": 6, "snapshot": snapshot})
+    assert status == 200 and reply["choices"][0]["text"] == expected
+
+
+def test_a_client_that_disconnects_before_a_unary_reply_frees_its_slot(live: Live) -> None:
+    body = json.dumps({"model": MODEL, "prompt": "the ", "max_tokens": ENDLESS}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port(live), timeout=CALL_TIMEOUT)
+    conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+    wait_until(lambda: live.engine.running == 1, "the generation runs")
+    assert conn.sock is not None
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    wait_until(lambda: settled(live), "the generation ended and its slot is free")
