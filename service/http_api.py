@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -30,8 +29,6 @@ from service.sse import EventStream, until_disconnect
 from textgen.client import PRINCIPAL_METADATA_KEY
 from textgen.errors import HTTP_STATUS, InvalidInputError, TextgenError
 
-log = logging.getLogger("textgen.http")
-
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
@@ -40,11 +37,11 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def error_response(exc: BaseException) -> JSONResponse:
-    """An error as OpenAI's error object with its HTTP status; anything but a domain error is a bug: logged, 500."""
+    """An error as OpenAI's error object with its HTTP status; anything but a domain error is a bug: 500 (and
+    logged with its traceback by uvicorn, to which Starlette hands it on)."""
     if isinstance(exc, TextgenError):
         status = HTTP_STATUS.get(exc.status, 500)
         return JSONResponse(error_body(status, str(exc), openai_api.param_of(exc), exc.reason), status)
-    log.error("internal error in the HTTP API", exc_info=exc)
     return JSONResponse(error_body(500, "internal error (logged on the server)", None, "internal"), 500)
 
 
@@ -96,7 +93,8 @@ class HttpApi:
             Route("/health/ready", self.readiness, methods=["GET"]),
             Route("/ready", self.readiness, methods=["GET"]),
         ]
-        handlers = {HTTPException: self._http_error, Exception: self._http_error}
+        # (domain errors are answers, not failures; an ``Exception`` handler's exception is re-raised and logged)
+        handlers = {HTTPException: self._http_error, TextgenError: self._http_error, Exception: self._http_error}
         self.asgi = Starlette(routes=routes, exception_handlers=handlers)  # type: ignore[arg-type]
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:
