@@ -24,10 +24,11 @@ from starlette.types import Receive, Scope, Send
 from service import openai_api
 from service.app import App
 from service.generation import Outcome
+from service.models import ServedModel
 from service.principals import MAX_PRINCIPAL_CHARS, address_principal
 from service.sse import EventStream, until_disconnect
 from textgen.client import PRINCIPAL_METADATA_KEY
-from textgen.errors import HTTP_STATUS, InvalidInputError, TextgenError
+from textgen.errors import HTTP_STATUS, InvalidInputError, NotFoundError, TextgenError
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -89,6 +90,7 @@ class HttpApi:
         routes = [
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/health/ready", self.readiness, methods=["GET"]),
             Route("/ready", self.readiness, methods=["GET"]),
@@ -111,11 +113,13 @@ class HttpApi:
         return JSONResponse({"status": "ready"})
 
     async def models(self, request: Request) -> Response:
-        data = [
-            {"id": m.name, "object": "model", "created": 0, "owned_by": "textgen", "textgen": {"version": m.version}}
-            for m in self.app.registry
-        ]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [_model(m) for m in self.app.registry]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if not name:
+            raise NotFoundError("model: name one (GET /v1/models lists them)")
+        return JSONResponse(_model(self.app.registry.get(name)))
 
     async def completions(self, request: Request) -> Response:
         settings = self.app.settings
@@ -127,7 +131,7 @@ class HttpApi:
         admitted = contextlib.ExitStack()
         try:
             admitted.enter_context(self.app.admission.hold(self.app.admission.weight(spec.n, spec.num_beams)))
-            run = self.app.run(spec, asyncio.get_running_loop())
+            run = self.app.run(spec, asyncio.get_running_loop(), body.timeout)
             if body.stream:
                 include_usage = bool((body.stream_options or {}).get("include_usage"))
                 chunks = self._chunks(run, await until_disconnect(request.receive, anext(run)), include_usage)
@@ -200,6 +204,10 @@ class HttpApi:
             except TextgenError as exc:  # the status line is sent: the error is the stream's last event
                 yield _event(json.loads(error_response(exc).body))
                 yield b"data: [DONE]\n\n"
+
+
+def _model(m: ServedModel) -> dict[str, Any]:
+    return {"id": m.name, "object": "model", "created": 0, "owned_by": "textgen", "textgen": {"version": m.version}}
 
 
 def _event(data: dict[str, Any]) -> bytes:

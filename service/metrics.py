@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 # token ~1-100 ms, a long stream seconds to minutes.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-HTTP_ENDPOINTS = frozenset({"/v1/completions", "/v1/models", "/health", "/health/ready", "/ready"})
+HTTP_ENDPOINTS = frozenset(
+    {"/v1/completions", "/v1/models", "/v1/models/{model}", "/health", "/health/ready", "/ready"}
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _SMALL = 16  # observations per call below which the pure-Python path is faster
 # How an engine sequence (a generation or a score pass) can end: the finish reasons, then the errors.
@@ -333,7 +335,8 @@ class Metrics:
     def http(self, path: str, status: int, seconds: float) -> None:
         """One HTTP API request ended: labelled by its route (any other path is "other", so label values stay a
         small, fixed set) and its status code."""
-        endpoint = path if path in HTTP_ENDPOINTS else "other"
+        endpoint = "/v1/models/{model}" if path.startswith("/v1/models/") else path
+        endpoint = endpoint if endpoint in HTTP_ENDPOINTS else "other"
         f = self.families
         f.http_requests.labels(endpoint, str(status)).inc()
         f.http_request_seconds.labels(endpoint).observe(seconds)

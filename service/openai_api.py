@@ -62,6 +62,7 @@ class CompletionRequest(BaseModel):
     allowed_token_ids: list[int] = []
     banned_token_ids: list[int] = []
     logit_bias_text: dict[str, float] = {}
+    timeout: float | None = Field(None, gt=0)  # seconds: the call's deadline (gRPC's), 504 when it passes
 
 
 class FieldError(InvalidInputError):

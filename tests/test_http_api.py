@@ -171,6 +171,9 @@ def test_malformed_and_oversized_bodies(live: Live) -> None:
 
 def test_models_health_and_readiness(live: Live) -> None:
     assert client(live).models.list().data[0].id == MODEL
+    assert client(live).models.retrieve(MODEL).id == MODEL
+    status, reply = call(live, "GET", "/v1/models/nope")
+    assert status == 404 and reply["error"]["param"] == "model"
     assert call(live, "GET", "/health") == (200, {"status": "ok"})
     assert call(live, "GET", "/health/ready") == (200, {"status": "ready"})
     assert call(live, "GET", "/ready")[0] == 200
@@ -245,3 +248,19 @@ def test_a_client_that_disconnects_before_a_unary_reply_frees_its_slot(live: Liv
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     wait_until(lambda: settled(live), "the generation ended and its slot is free")
+
+
+def test_a_deadline_that_passes_is_504_or_the_streams_last_event(live: Live) -> None:
+    body = {"model": MODEL, "prompt": "the ", "max_tokens": ENDLESS, "timeout": 0.2}  # (ENDLESS: it cannot end first)
+    status, reply = call(live, "POST", "/v1/completions", body)
+    assert status == 504 and reply["error"]["code"] == "deadline" and reply["error"]["type"] == "server_error"
+    data = json.dumps({**body, "stream": True}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port(live)}/v1/completions", data, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=CALL_TIMEOUT) as stream:
+            events = [e for e in stream.read().decode().split("\n\n") if e]
+        last = json.loads(events[-2].removeprefix("data: "))
+        assert events[-1] == "data: [DONE]" and last["error"]["code"] == "deadline"
+    except urllib.error.HTTPError as exc:  # the deadline passed before the first token (a slow machine)
+        assert exc.code == 504
+    wait_until(lambda: settled(live), "both generations ended")
