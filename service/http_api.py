@@ -183,12 +183,13 @@ class HttpApi:
             try:
                 while True:
                     for out, outcome in items:
-                        choice: dict[str, Any] = {"index": out.index, "text": "".join(d.text for d in out.deltas)}
-                        if gen.spec.logprobs:
-                            choice["logprobs"] = lps.setdefault(out.index, openai_api.Logprobs()).add(out.deltas)
-                        else:
-                            choice["logprobs"] = None
-                        choice["finish_reason"] = None
+                        logprobs = lps.setdefault(out.index, openai_api.Logprobs()) if gen.spec.logprobs else None
+                        choice: dict[str, Any] = {
+                            "index": out.index,
+                            "text": "".join(d.text for d in out.deltas),
+                            "logprobs": logprobs.add(out.deltas) if logprobs is not None else None,
+                            "finish_reason": None,
+                        }
                         if outcome is not None:
                             outcomes.append(outcome)
                             choice["finish_reason"] = openai_api.finish_reason(outcome)

@@ -118,6 +118,12 @@ def test_logprobs_in_openais_legacy_shape(live: Live) -> None:
     assert lp.text_offset is not None and lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
     grpc_reply = live.generate("the ", max_tokens=8, seed=1, logprobs=True)
     assert lp.token_logprobs == pytest.approx([t.logprob for t in grpc_reply.logprobs])
+    chunks = list(
+        client(live).completions.create(model=MODEL, prompt="the ", max_tokens=8, seed=1, logprobs=2, stream=True)
+    )
+    streamed = [c.choices[0].logprobs for c in chunks]
+    assert [t for s in streamed if s and s.tokens for t in s.tokens] == lp.tokens
+    assert [o for s in streamed if s and s.text_offset for o in s.text_offset] == lp.text_offset
 
 
 @pytest.mark.parametrize(
