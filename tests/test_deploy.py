@@ -113,13 +113,17 @@ def test_base_stack_wiring(ci_models: Path) -> None:
     # Prometheus must see a replica that is down, so it waits for none.
     assert "depends_on" not in services["prometheus"]
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
-    assert "service.healthprobe" in textgen["healthcheck"]["test"]
+    # healthy when both transports take work: the gRPC health probe, then the HTTP API's readiness path
+    kind, command = textgen["healthcheck"]["test"]
+    assert kind == "CMD-SHELL" and "python -m service.healthprobe" in command
+    assert "/health/ready" in command and "TEXTGEN_HTTP_PORT" in command
     assert all(s.get("healthcheck") for n, s in services.items() if n != "trainer")
     # Clients reach the replicas through nginx only; Prometheus scrapes them inside the compose network. So the
     # replicas may trust the principal nginx names (test_nginx_proxies_grpc_without_resending_calls).
-    assert "ports" not in textgen and set(textgen["expose"]) == {"50051", "9400"}
+    assert "ports" not in textgen and set(textgen["expose"]) == {"50051", "8000", "9400"}
     assert textgen["environment"]["TEXTGEN_TRUST_PRINCIPAL_METADATA"] == "true"
-    assert [(p["target"], p["published"]) for p in nginx["ports"]] == [(50051, "50051")]
+    assert textgen["environment"]["TEXTGEN_HTTP_PORT"] == "8000"  # the HTTP API beside gRPC
+    assert [(p["target"], p["published"]) for p in nginx["ports"]] == [(50051, "50051"), (8000, "8000")]
     assert nginx["command"] == ["-c", "/etc/nginx/textgen/nginx.conf"]
     # Servers and trainer share the model repository; the servers only read it.
     mounts = {n: {m["target"]: m for m in s["volumes"]} for n, s in services.items()}
@@ -151,8 +155,8 @@ def test_ci_override_stays_on_loopback(ci_models: Path) -> None:
         textgen = services[name]
         assert textgen["build"]["args"]["CUDA_LIBS"] == ""
         assert textgen["environment"]["TEXTGEN_HOST"] == "127.0.0.1"
-        ports |= {textgen["environment"]["TEXTGEN_PORT"], textgen["environment"]["TEXTGEN_METRICS_PORT"]}
-    assert len(ports) == 2 * len(REPLICAS)  # one host network: each replica on its own ports
+        ports |= {textgen["environment"][f"TEXTGEN_{p}PORT"] for p in ("", "METRICS_", "HTTP_")}
+    assert len(ports) == 3 * len(REPLICAS)  # one host network: each replica on its own ports
     nginx, prometheus = services["nginx"], services["prometheus"]
     assert nginx["build"]["args"]["BASE"] == "python:3.11-slim"  # the one image there is
     assert nginx["command"] == ["-c", "/etc/nginx/textgen/nginx.ci.conf"]
@@ -216,13 +220,18 @@ def test_nginx_and_prometheus_reach_every_replica(ci_models: Path, files: list[s
 
     def address(name: str, setting: str, default: int) -> str:
         # CI: the host network, each replica on its own port; compose: the service name and the image's port
-        port = services[name]["environment"].get(setting)
-        return f"127.0.0.1:{port}" if port else f"{name}:{default}"
+        if services[name].get("network_mode") == "host":
+            return f"127.0.0.1:{services[name]['environment'][setting]}"
+        return f"{name}:{services[name]['environment'].get(setting, default)}"
 
     nginx_config = _nginx_config(services["nginx"]).read_text(encoding="utf-8")
-    (upstream,) = re.findall(r"upstream textgen \{(.*?)\}", nginx_config, flags=re.DOTALL)
-    servers = re.findall(r"^\s*server\s+([^\s;]+)", upstream, flags=re.MULTILINE)
-    assert servers == [address(name, "TEXTGEN_PORT", 50051) for name in REPLICAS]
+    for upstream_name, setting, default in (
+        ("textgen", "TEXTGEN_PORT", 50051),
+        ("textgen_http", "TEXTGEN_HTTP_PORT", 8000),
+    ):
+        (upstream,) = re.findall(rf"upstream {upstream_name} \{{(.*?)\}}", nginx_config, flags=re.DOTALL)
+        servers = re.findall(r"^\s*server\s+([^\s;]+)", upstream, flags=re.MULTILINE)
+        assert servers == [address(name, setting, default) for name in REPLICAS], upstream_name
     (flag,) = [a for a in services["prometheus"]["command"] if a.startswith("--config.file=")]
     scrape = yaml.safe_load(_on_host(flag.split("=", 1)[1], "/etc/prometheus/", DEPLOY / "prometheus").read_text())
     (job,) = [job for job in scrape["scrape_configs"] if job["job_name"] == "textgen"]
@@ -270,6 +279,42 @@ def test_nginx_proxies_grpc_without_resending_calls() -> None:
     size = directives["client_max_body_size"]
     limit = int(size[:-1]) * {"k": 1 << 10, "m": 1 << 20}[size[-1]]
     assert limit >= ServerSettings.model_fields["max_message_bytes"].default + 5
+
+
+def _directives(text: str) -> dict[str, str]:
+    """Each simple directive of an nginx config file (last one wins), header-setting ones left out."""
+    return {
+        name: value
+        for line in text.splitlines()
+        if (stripped := line.strip()).endswith(";") and not stripped.startswith("#")
+        for name, _, value in [stripped.rstrip(";").partition(" ")]
+        if not name.endswith("_set_header")
+    }
+
+
+def _bytes(size: str) -> int:
+    return int(size[:-1]) * {"k": 1 << 10, "m": 1 << 20}[size[-1]] if size[-1] in "km" else int(size)
+
+
+def test_nginx_proxies_the_http_api_unbuffered() -> None:
+    """The HTTP API's server block: /v1/ and the health paths to the replicas' HTTP ports, server-sent events
+    passed on as written, the principal named by nginx, the server's request size limit, no call sent twice."""
+    from service.settings import ServerSettings
+
+    for config in ("nginx.conf", "nginx.ci.conf"):
+        text = (DEPLOY / "nginx" / config).read_text(encoding="utf-8")
+        (server,) = re.findall(r"server \{\s*listen\s+(\S+?);\s*include http_proxy\.conf;\s*\}", text)
+        assert server.endswith("8000"), config
+    proxy = (DEPLOY / "nginx" / "http_proxy.conf").read_text(encoding="utf-8")
+    directives = _directives(proxy)
+    assert directives["proxy_buffering"] == "off" and directives["proxy_http_version"] == "1.1"
+    assert re.search(r'^proxy_set_header Connection "";', proxy, flags=re.MULTILINE)  # upstream keepalive
+    assert re.search(r"^proxy_set_header x-textgen-principal \$remote_addr;", proxy, flags=re.MULTILINE)
+    assert directives["proxy_next_upstream"].split() == ["error", "timeout"]  # never non_idempotent
+    assert directives["proxy_read_timeout"] == "15m"
+    assert _bytes(directives["client_max_body_size"]) == ServerSettings.model_fields["max_message_bytes"].default
+    routed = re.findall(r"location (.+?) \{\s*proxy_pass http://textgen_http;\s*\}", proxy)
+    assert routed == ["/v1/", "~ ^/(health|health/ready|ready)$"]
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
