@@ -35,7 +35,13 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "textgen.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 RATE_INTERVAL = "10s"  # what Grafana's $__rate_interval is with the test's 1 s scrape interval (at least 4 scrapes)
 # The panels with one line per replica (the others show totals over every replica).
-PER_REPLICA = ("Requests/s by replica", "Tokens/s by replica", "Streams and queue by replica")
+PER_REPLICA = (
+    "Requests/s by replica",
+    "Tokens/s by replica",
+    "Streams and queue by replica",
+    "HTTP requests/s by replica",
+)
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an environment's proxy
 QUERY_TIMEOUT = 120.0  # seconds the live test may wait for Prometheus and for every query's data (a loaded machine)
 
 needs_promtool = pytest.mark.skipif(
@@ -101,16 +107,18 @@ def test_dashboard_is_well_formed() -> None:
     for title, expr in queries:
         promql_parser.parse(expr)  # raises on a syntax error
         assert "$" not in expr, f"{title}: unsubstituted variable in {expr}"
-    # every per-model metric is filtered by the model variable; session metrics and scrape health (`up`) are
-    # server-wide on purpose
+    # every per-model metric is filtered by the model variable; session metrics, the HTTP API's (labelled by
+    # endpoint, not model) and scrape health (`up`) are server-wide on purpose
     for panel in panels:
         for target in panel.get("targets", []):
-            if "session" not in target["expr"] and not target["expr"].startswith(("sum(up{", "count(up{")):
+            expr = target["expr"]
+            if "session" not in expr and "textgen_http_" not in expr and not expr.startswith(("sum(up{", "count(up{")):
                 assert '{model=~"$model"}' in target["expr"].replace(", ", ","), (panel["title"], target["expr"])
     titles = {p["title"] for p in panels}
     for wanted in ("Tokens/s", "Requests/s", "Errors/s by reason", "Time to first token", "Inter-token latency",
                    "Queue and batch", "Queue wait", "Batch size per step", "Step time by phase", "Sessions",
-                   "Session state memory", *PER_REPLICA, "Replicas up"):  # fmt: skip
+                   "Session state memory", *PER_REPLICA, "Replicas up", "HTTP requests/s",
+                   "HTTP request duration"):  # fmt: skip
         assert wanted in titles
     # a line per replica: by instance, the label every scrape has (compose, CI and Kubernetes alike)
     for panel in panels:
@@ -201,8 +209,10 @@ class Load:
             if self._stop.is_set() or time.monotonic() > self.stop_at:
                 return
             try:
-                kind = (worker + i) % 6
-                if kind == 0:
+                kind = (worker + i) % 7
+                if kind == 6:  # the HTTP API, unary and streamed (the HTTP panels)
+                    self._http(i)
+                elif kind == 0:
                     live.generate("the ", max_tokens=30, seed=i)
                 elif kind == 1:
                     call = live.stream("to be ", max_tokens=1000)
@@ -232,6 +242,23 @@ class Load:
                 if exc.code() != grpc.StatusCode.CANCELLED:
                     self.errors.append(exc)
 
+    def _http(self, i: int) -> None:
+        assert self.live.server.server is not None and self.live.server.server.http is not None
+        body = {"prompt": "the ", "max_tokens": 20, "seed": i, "stream": bool(i % 2)}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.live.server.server.http.port}/v1/completions",
+            json.dumps(body).encode(),
+            {"content-type": "application/json"},
+        )
+        try:
+            with _LOOPBACK.open(request, timeout=CALL_TIMEOUT) as reply:
+                ending = reply.read().rstrip()[-6:]
+        except OSError as exc:  # an HTTP error status too (HTTPError)
+            self.errors.append(exc)
+            return
+        if not ending.endswith(b"[DONE]" if body["stream"] else b"}"):  # a stream's last event, a whole JSON reply
+            self.errors.append(AssertionError(f"HTTP reply ends with {ending!r}"))
+
     def stop(self) -> None:
         self._stop.set()
         for t in self.threads:
@@ -240,7 +267,9 @@ class Load:
 
 @pytest.fixture
 def scraped(serve: Callable[..., Live], tmp_path: Path) -> Iterator[tuple[Prometheus, Load]]:
-    live = serve(metrics_port=0, max_tokens_limit=1000, max_sessions=8)  # a small table: evictions happen too
+    live = serve(
+        metrics_port=0, http_port=0, max_tokens_limit=1000, max_sessions=8
+    )  # a small table: evictions happen too
     assert live.server.server is not None and live.server.server.metrics_port
     prometheus = Prometheus(tmp_path, f"127.0.0.1:{live.server.server.metrics_port}")
     load = Load(live)
