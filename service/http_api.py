@@ -65,6 +65,8 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"request: not valid JSON ({exc})") from None
+    except RecursionError:  # json's C scanner recurses per level: "[" * 100_000 fits in the body limit
+        raise InvalidInputError("request: not valid JSON (nested too deeply)") from None
 
 
 def principal(request: Request, trust_header: bool) -> str:

@@ -13,7 +13,7 @@ import binascii
 import re
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,11 +22,16 @@ from service.generation import Outcome
 from service.sequence import Delta
 from textgen.errors import InvalidInputError
 
+# A token id, as the proto's uint32 (JSON's integers are unbounded: 2**70 must be refused naming its field, not
+# overflow a numpy conversion).
+TokenId = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
 
 class CompletionRequest(BaseModel):
     """``POST /v1/completions``. Unknown fields are refused (a misspelt extension must not be ignored)."""
 
-    model_config = ConfigDict(extra="forbid", strict=False)
+    # NaN and infinities (which Python's json reads) are no numbers a field takes: refused naming the field
+    model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
 
     model: str = ""
     prompt: str | list[str] = ""
@@ -58,9 +63,9 @@ class CompletionRequest(BaseModel):
     num_beams: int = Field(0, ge=0)
     length_penalty: float | None = None
     early_stopping: bool = False
-    stop_token_ids: list[int] = []
-    allowed_token_ids: list[int] = []
-    banned_token_ids: list[int] = []
+    stop_token_ids: list[TokenId] = []
+    allowed_token_ids: list[TokenId] = []
+    banned_token_ids: list[TokenId] = []
     logit_bias_text: dict[str, float] = {}
     timeout: float | None = Field(None, gt=0)  # seconds: the call's deadline (gRPC's), 504 when it passes
 

@@ -1,0 +1,133 @@
+"""The HTTP API (service/http_api.py) against hostile clients, on a real server on loopback with raw sockets: a
+stream whose client reads nothing, connections that never finish a request, bodies that break the JSON parser or
+the types; each must be bounded, refused with the right status naming the field, and leave nothing held."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from test_http_api import call, port, settled
+
+from live_server import CALL_TIMEOUT, ENDLESS, MODEL, Live, wait_until
+
+
+@pytest.fixture
+def live(serve: Callable[..., Live]) -> Live:
+    return serve(http_port=0, max_tokens_limit=ENDLESS)
+
+
+def _raw(live: Live, rcvbuf: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:  # before connecting: the window the client advertises stays this small
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(CALL_TIMEOUT)
+    sock.connect(("127.0.0.1", port(live)))
+    return sock
+
+
+def _request(body: dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(data)}"
+    return head.encode() + b"\r\n\r\n" + data
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Reads until the server closes the connection (True) or CALL_TIMEOUT passes (False)."""
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+    return True
+
+
+@pytest.mark.xfail(strict=True, reason="fixed in the next commits")
+def test_a_stream_whose_client_reads_nothing_ends_and_gives_back_its_place(serve: Callable[..., Live]) -> None:
+    """As over gRPC (test_attacks): the engine ends the unread stream after the pause limit; the call, stuck
+    writing to a client that reads nothing, must end too, or such clients fill max_concurrent_rpcs for ever."""
+    live = serve(
+        http_port=0, max_concurrent_rpcs=2, max_pause_seconds=0.5, max_tokens_limit=ENDLESS, stream_buffer_tokens=8
+    )
+    sock = _raw(live, rcvbuf=4096)
+    sock.sendall(_request({"model": MODEL, "prompt": "the ", "max_tokens": ENDLESS, "stream": True}))
+    admission = live.server.app.admission
+    wait_until(lambda: admission.in_progress == 1, "the stream is admitted")
+    wait_until(lambda: settled(live), "the unread stream ended and its place is free", 120)
+    assert call(live, "POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})[0] == 200
+    sock.close()
+
+
+@pytest.mark.xfail(strict=True, reason="fixed in the next commits")
+def test_a_connection_that_never_finishes_its_request_head_is_closed(serve: Callable[..., Live]) -> None:
+    """uvicorn times only idle keep-alive connections: a client that sends nothing, or its request line and
+    headers a byte at a time, would hold its connection (a file descriptor, shared with gRPC) for ever."""
+    live = serve(http_port=0, http_idle_seconds=0.5)
+    silent = _raw(live)
+    partial = _raw(live)
+    partial.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")
+    for byte in b"x-slow: 1\r\n":
+        partial.sendall(bytes([byte]))
+    assert _closed_by_server(silent) and _closed_by_server(partial)
+    silent.close()
+    partial.close()
+
+
+@pytest.mark.xfail(strict=True, reason="fixed in the next commits")
+def test_a_body_that_stops_coming_is_refused_with_408(serve: Callable[..., Live]) -> None:
+    live = serve(http_port=0, http_idle_seconds=0.5)
+    sock = _raw(live)
+    sock.sendall(_request({"prompt": "a"})[:-3])  # the head and all but the body's last bytes
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    sock.close()
+
+
+def test_json_that_breaks_the_parser_is_400_not_500(live: Live) -> None:
+    status, reply = call(live, "POST", "/v1/completions", raw=b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and "JSON" in reply["error"]["message"]
+    deep = b'{"prompt": "a", "logit_bias": ' + b'{"1": ' * 50_000 + b"1" + b"}" * 50_001
+    status, reply = call(live, "POST", "/v1/completions", raw=deep)
+    assert status == 400
+    status, reply = call(live, "POST", "/v1/completions", raw=b'{"seed": 1' + b"0" * 5000 + b"}")
+    assert status == 400
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", "NaN"),
+        ("temperature", "Infinity"),
+        ("top_p", "NaN"),
+        ("presence_penalty", "-Infinity"),
+        ("timeout", "Infinity"),
+        ("timeout", "NaN"),
+        ("max_tokens", "1e400"),
+        ("seed", str(2**70)),
+        ("seed", "-1"),
+        ("n", str(2**70)),
+        ("logit_bias", '{"1": NaN}'),
+        ("logit_bias", '{"99999999999999999999999": 1}'),
+        ("logit_bias_text", '{"a": Infinity}'),
+        ("allowed_token_ids", f"[{2**70}]"),
+        ("banned_token_ids", "[-1]"),
+        ("stop_token_ids", f"[{2**70}]"),
+        ("stop", "[1, 2]"),
+        ("stream_options", '{"include_usage": "yes please"}'),
+        ("prompt", '{"a": 1}'),
+        ("unknown_field", "1"),
+    ],
+)
+def test_a_bad_field_is_400_naming_it(live: Live, field: str, value: str) -> None:
+    raw = f'{{"prompt": "the ", "max_tokens": 2, "{field}": {value}}}'.encode()
+    status, reply = call(live, "POST", "/v1/completions", raw=raw)
+    assert status == 400, reply
+    assert reply["error"]["param"] == field, reply
+    assert settled(live)
