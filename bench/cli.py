@@ -85,6 +85,12 @@ def register(commands: Any) -> None:
     serve.add_argument(
         "--max-stream-interval", type=int, default=None, help="the server's setting (default: the server's default)"
     )
+    serve.add_argument(
+        "--http",
+        action="store_true",
+        help="instead: the OpenAI-compatible HTTP API (streamed, server-sent events) vs gRPC on one server "
+        "serving both, the same streams over each, alternated per round; writes serve-http.json (default C: 1,64)",
+    )
 
     train = _command(
         sub,
@@ -229,6 +235,27 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from bench.serve import run_serve_bench
 
+    if args.http:
+        from bench.transports import run_http_bench
+
+        if args.configs is not None:
+            from textgen.errors import ConfigError
+
+            raise ConfigError("--configs: not with --http (it measures the one server over both transports)")
+        report = run_http_bench(
+            args.checkpoint,
+            args.out,
+            args.concurrency or [1, 64],
+            args.max_tokens,
+            args.precisions,
+            args.threads,
+            args.repeats,
+            sampling=args.sampling,
+            device=args.device,
+            stream_interval=args.max_stream_interval,
+        )
+        rows = [row for rows in report["precisions"].values() for row in rows]
+        return 0 if all(row["texts_match"] for row in rows) else 1  # the transports did not do the same work
     default = [1, 8, 32, 64, 128] + ([256] if args.device == "cuda" else [])
     run_serve_bench(
         args.checkpoint,

@@ -97,20 +97,22 @@ class _Stream:
     stamps: list[float]
     sizes: list[int]  # characters per message
     tokens: int
+    text: str = ""  # the whole text (``bench.transports`` compares transports' texts seed by seed)
 
 
 async def _stream(stub: Any, request: Any, out: list[_Stream]) -> None:
     start = time.perf_counter()
-    stamps, sizes = [], []
+    stamps, sizes, texts = [], [], []
     total = 0
     async for msg in stub.GenerateStream(request):
         now = time.perf_counter()
         if msg.text:
             stamps.append(now)
             sizes.append(len(msg.text))
+            texts.append(msg.text)
         if msg.HasField("complete"):
             total = msg.complete.generated_tokens
-    out.append(_Stream(start, stamps, sizes, total))
+    out.append(_Stream(start, stamps, sizes, total, "".join(texts)))
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -170,14 +172,18 @@ async def drive(target: str, batch: list[Any], server_pid: int | list[int] | Non
         await asyncio.gather(*(_stream(stub, r, out) for r in batch))
         seconds, client_cpu = time.perf_counter() - start, time.process_time() - client_cpu
         server_cpu_after = _cpu(pids)
-    f = figures(out, seconds)
+    server = None if server_cpu is None or server_cpu_after is None else server_cpu_after - server_cpu
+    return load_result(out, seconds, client_cpu, server)
+
+
+def load_result(streams: list[_Stream], seconds: float, client_cpu: float, server_cpu: float | None) -> LoadResult:
+    """One run's ``LoadResult``: the streams' figures and the CPU seconds spent (server: None where unknown)."""
+    f = figures(streams, seconds)
     per_token = 1e3 / max(1, f["tokens"])
     return LoadResult(
-        concurrency=len(batch),
+        concurrency=len(streams),
         **f,
-        server_cpu_ms_per_token=None
-        if server_cpu is None or server_cpu_after is None
-        else (server_cpu_after - server_cpu) * per_token,
+        server_cpu_ms_per_token=None if server_cpu is None else server_cpu * per_token,
         client_cpu_ms_per_token=client_cpu * per_token,
     )
 

@@ -194,3 +194,37 @@ def test_bench_replicas_measures_throughput_and_an_exact_failover(trained_run: P
     assert all(r["tokens"] == 16 for r in report["throughput"].values())
     (trial,) = report["failover"]["trials"]
     assert trial["exact"] and trial["kill_to_next_message_ms"] > 0
+
+
+def test_bench_serve_http_runs_both_transports_on_the_same_work(trained_run: Path, tmp_path: Path) -> None:
+    """``--http``: one server serving gRPC and the HTTP API, both driven with the same streams; every stream of
+    every run got its tokens, and the texts of each seed are the same over both transports (the bench's own
+    cross-check: it exits 1 otherwise)."""
+    pytest.importorskip("aiohttp")
+    out = tmp_path / "http"
+    argv = ["bench", "serve", str(trained_run / "best.pt"), "--http", "--concurrency", "1,3", "--max-tokens", "12",
+            "--threads", "1", "--repeats", "2", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "serve-http.json").read_text())
+    assert report["transports"] == ["grpc", "http"] and report["repeats"] == 2
+    rows = report["precisions"]["fp32"]
+    assert [r["concurrency"] for r in rows] == [1, 3]
+    for row in rows:
+        c = row["concurrency"]
+        assert row["texts_match"] and row["mismatched_seeds"] == []
+        assert {t: len(runs) for t, runs in row["runs"].items()} == {"grpc": 2, "http": 2}
+        for transport in ("grpc", "http"):
+            res = row["results"][transport]
+            assert res["tokens"] == 12 * c and res["concurrency"] == c
+            assert res["ttft_p50_ms"] > 0 and res["messages_per_stream"] >= 1
+            assert res["client_cpu_ms_per_token"] > 0 and res["server_cpu_ms_per_token"] >= 0
+        assert row["ratios"]["http_vs_grpc_tokens_per_s"] > 0
+
+
+def test_the_bench_reads_server_sent_events_as_the_format_defines_them() -> None:
+    from bench.sse import EventParser
+
+    parser = EventParser()
+    stream = b': a comment\r\ndata: {"a": 1}\r\n\r\ndata:two\ndata:  lines\nid: 7\n\nevent: x\n\ndata: [DONE]\n\n'
+    events = [e for i in range(0, len(stream), 5) for e in parser.feed(stream[i : i + 5])]  # cut anywhere
+    assert events == ['{"a": 1}', "two\n lines", "[DONE]"]
