@@ -32,9 +32,9 @@ def test_the_deployments_run_the_server_as_documented(name: str) -> None:
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
     args = build_parser().parse_args(container["args"])  # every flag is one textgen serve has
-    assert args.command == "serve" and args.port == 50051 and args.metrics_port == 9400
+    assert args.command == "serve" and args.port == 50051 and args.metrics_port == 9400 and args.http_port == 8000
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": 50051, "metrics": 9400}
+    assert ports == {"grpc": 50051, "metrics": 9400, "http": 8000}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # grpc.health.v1, the server's own
         assert container[probe]["grpc"]["port"] == 50051
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -53,6 +53,8 @@ def test_the_deployments_run_the_server_as_documented(name: str) -> None:
 def test_the_service_is_headless_and_selects_every_replica() -> None:
     service = _load("service.yaml")["spec"]
     assert service["clusterIP"] == "None"  # DNS lists every pod: clients balance (dns:///, round_robin)
+    # every port the pods name is a port of the Service (gRPC, metrics, the HTTP API)
+    assert {p["name"]: p["targetPort"] for p in service["ports"]} == {n: n for n in ("grpc", "metrics", "http")}
     for name in ("deployment.yaml", "deployment-gpu.yaml"):
         labels = _load(name)["spec"]["template"]["metadata"]["labels"]
         assert service["selector"].items() <= labels.items()
