@@ -223,6 +223,7 @@ def run_http_bench(
             "grpc": "grpc.aio, one HTTP/2 channel",
             "http": f"aiohttp {aiohttp.__version__}, HTTP/1.1 keep-alive, a connection a stream",
         },
+        "http_server": _http_server(),
         "command": " ".join(["textgen", *sys.argv[1:]]) if sys.argv[0].endswith("textgen") else "",
         "precisions": {},
     }
@@ -244,6 +245,16 @@ def run_http_bench(
         print(table(precision, rows), flush=True)
     (out_dir / "serve-http.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def _http_server() -> str:
+    """uvicorn and the HTTP/1.1 parser it picks in this environment (the server runs with this interpreter):
+    httptools (C) when installed, else h11 (pure Python); it weighs on the server's CPU per request."""
+    import importlib.util
+
+    import uvicorn
+
+    return f"uvicorn {uvicorn.__version__}, {'httptools' if importlib.util.find_spec('httptools') else 'h11'}"
 
 
 def table(precision: str, rows: list[dict[str, Any]]) -> str:

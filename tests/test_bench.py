@@ -206,7 +206,7 @@ def test_bench_serve_http_runs_both_transports_on_the_same_work(trained_run: Pat
             "--threads", "1", "--repeats", "2", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "serve-http.json").read_text())
-    assert report["transports"] == ["grpc", "http"] and report["repeats"] == 2
+    assert report["transports"] == ["grpc", "http"] and report["repeats"] == 2 and report["http_server"]
     rows = report["precisions"]["fp32"]
     assert [r["concurrency"] for r in rows] == [1, 3]
     for row in rows:
