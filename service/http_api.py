@@ -27,6 +27,7 @@ from service.generation import Outcome
 from service.models import ServedModel
 from service.principals import MAX_PRINCIPAL_CHARS, address_principal
 from service.sse import EventStream, until_disconnect
+from service.write_guard import WriteGuard
 from textgen.client import PRINCIPAL_METADATA_KEY
 from textgen.errors import HTTP_STATUS, InvalidInputError, NotFoundError, TextgenError
 
@@ -89,6 +90,7 @@ class HttpApi:
     def __init__(self, app: App) -> None:
         self.app = app
         self.ready = False  # set once serving; cleared when draining starts
+        self.guard = WriteGuard(app.settings.max_pause_seconds)  # streams' writes (service/sse.py); closed on stop
         routes = [
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
@@ -137,7 +139,7 @@ class HttpApi:
             if body.stream:
                 include_usage = bool((body.stream_options or {}).get("include_usage"))
                 chunks = self._chunks(run, await until_disconnect(request.receive, anext(run)), include_usage)
-                return EventStream(chunks, admitted.close)
+                return EventStream(chunks, admitted.close, self.guard)
             with admitted:
                 return await until_disconnect(request.receive, self._complete(run, spec.logprobs))
         except BaseException:

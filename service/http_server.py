@@ -71,3 +71,4 @@ class HttpServer:
         self._server.should_exit = True
         await self._task
         self._task = None
+        await self.api.guard.close()

@@ -47,7 +47,6 @@ def _closed_by_server(sock: socket.socket) -> bool:
     return True
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in the next commits")
 def test_a_stream_whose_client_reads_nothing_ends_and_gives_back_its_place(serve: Callable[..., Live]) -> None:
     """As over gRPC (test_attacks): the engine ends the unread stream after the pause limit; the call, stuck
     writing to a client that reads nothing, must end too, or such clients fill max_concurrent_rpcs for ever."""
