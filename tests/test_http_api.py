@@ -270,3 +270,11 @@ def test_a_deadline_that_passes_is_504_or_the_streams_last_event(live: Live) -> 
     except urllib.error.HTTPError as exc:  # the deadline passed before the first token (a slow machine)
         assert exc.code == 504
     wait_until(lambda: settled(live), "both generations ended")
+
+
+def test_the_http_listener_sends_small_writes_at_once(live: Live) -> None:
+    # Nagle's algorithm off on the listening socket, which accepted connections inherit: with it on, every stream's
+    # second and later events waited for the client's delayed ACK (about 40 ms on Linux).
+    assert live.server.server is not None and live.server.server.http is not None
+    listener = live.server.server.http._socket
+    assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
