@@ -51,17 +51,26 @@ class PayloadTooLargeError(InvalidInputError):
     """A request body over max_message_bytes (HTTP 413; INVALID_ARGUMENT as a domain error)."""
 
 
-async def read_json(request: Request, limit: int) -> Any:
+class BodyTimeoutError(InvalidInputError):
+    """A request body that did not all come within http_idle_seconds (HTTP 408)."""
+
+
+async def read_json(request: Request, limit: int, seconds: float) -> Any:
     """The body as JSON, refused (413) as soon as it is known to exceed ``limit`` bytes: by its Content-Length, or
-    while it is read, never buffering more than the limit."""
+    while it is read, never buffering more than the limit; and refused (408) unless it all comes within
+    ``seconds`` (a client sending it a byte at a time must not hold its connection and task for ever)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise PayloadTooLargeError(f"request: {length} bytes exceed this server's max_message_bytes ({limit})")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLargeError(f"request: the body exceeds this server's max_message_bytes ({limit})")
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise PayloadTooLargeError(f"request: the body exceeds this server's max_message_bytes ({limit})")
+    except TimeoutError:
+        raise BodyTimeoutError(f"request: the body did not all come within {seconds:g} s (http_idle_seconds)") from None
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -128,10 +137,12 @@ class HttpApi:
     async def completions(self, request: Request) -> Response:
         settings = self.app.settings
         try:
-            body = openai_api.parse_request(await read_json(request, settings.max_message_bytes))
+            raw = await read_json(request, settings.max_message_bytes, settings.http_idle_seconds)
+            body = openai_api.parse_request(raw)
             spec = openai_api.spec_of(body, principal(request, settings.trust_principal_metadata))
-        except PayloadTooLargeError as exc:
-            return JSONResponse(error_body(413, str(exc), None, "too_large"), 413)
+        except (PayloadTooLargeError, BodyTimeoutError) as exc:  # the body is not all read: the connection ends
+            status, code = (413, "too_large") if isinstance(exc, PayloadTooLargeError) else (408, "timeout")
+            return JSONResponse(error_body(status, str(exc), None, code), status, {"connection": "close"})
         admitted = contextlib.ExitStack()
         try:
             admitted.enter_context(self.app.admission.hold(self.app.admission.weight(spec.n, spec.num_beams)))

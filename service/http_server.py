@@ -13,6 +13,7 @@ import ssl
 from collections.abc import Iterator
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.app import App
 from service.http_api import HttpApi, counted
@@ -24,6 +25,38 @@ class _Server(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         """Leave signals to textgen's own handlers: SIGTERM drains the whole server (gRPC and HTTP alike)."""
         yield
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a time limit on each request's head: uvicorn times only keep-alive
+    connections idle after a response (a byte received stops that timer), so a client that sends nothing, or its
+    headers a byte at a time (slowloris), would hold its connection, a file descriptor gRPC needs too, for ever.
+    The limit is timeout_keep_alive (http_idle_seconds) from the connection's opening or its last response."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._time_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._time_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _time_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.timeout_keep_alive, self._head_late)
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self.cycle is None or self.cycle.response_complete:  # (else a request came and is being answered)
+            self.transport.close()
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -54,6 +87,8 @@ class HttpServer:
             lifespan="off",
             access_log=False,
             log_config=None,  # the process's logging (service/server.py) applies
+            http=_Protocol,
+            timeout_keep_alive=settings.http_idle_seconds,
             timeout_graceful_shutdown=1.0,  # streams were given the grace period while the app drained
             # an HTTP/1.1 connection's request line and headers (the body is bounded by the API: max_message_bytes)
             h11_max_incomplete_event_size=64 * 1024,

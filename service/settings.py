@@ -34,6 +34,13 @@ class ServerSettings(BaseSettings):
         description="OpenAI-compatible HTTP API port (/v1/completions, /v1/models, /health, /health/ready), served "
         "by the same process and engine as gRPC, with the same TLS (unset: no HTTP API; 0: any free port)",
     )
+    http_idle_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="the HTTP API's bound on slow clients: a connection whose request line and headers have not all "
+        "come this long after it opened (or after its last response) is closed, and a request whose body has not "
+        "all come this long after its headers is refused (408)",
+    )
     tls_cert_file: Path | None = Field(None, description="server certificate chain (PEM); enables TLS")
     tls_key_file: Path | None = Field(None, description="server private key (PEM)")
     tls_client_ca_file: Path | None = Field(

@@ -62,7 +62,6 @@ def test_a_stream_whose_client_reads_nothing_ends_and_gives_back_its_place(serve
     sock.close()
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in the next commits")
 def test_a_connection_that_never_finishes_its_request_head_is_closed(serve: Callable[..., Live]) -> None:
     """uvicorn times only idle keep-alive connections: a client that sends nothing, or its request line and
     headers a byte at a time, would hold its connection (a file descriptor, shared with gRPC) for ever."""
@@ -77,7 +76,6 @@ def test_a_connection_that_never_finishes_its_request_head_is_closed(serve: Call
     partial.close()
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in the next commits")
 def test_a_body_that_stops_coming_is_refused_with_408(serve: Callable[..., Live]) -> None:
     live = serve(http_port=0, http_idle_seconds=0.5)
     sock = _raw(live)
