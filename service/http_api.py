@@ -158,16 +158,27 @@ class HttpApi:
             raise
 
     async def _complete(self, run: AsyncIterator[Any], logprobs: bool) -> Response:
+        """The unary reply, refused (as gRPC's over max_message_bytes) as soon as its JSON would exceed the limit:
+        encoding 16 candidates' 4096 tokens with 20 log-probabilities each (25 MB) held the event loop for seconds.
+        Its size is counted as the output comes, a wake-up's worth at a time."""
         texts: dict[int, list[str]] = {}
         lps: dict[int, openai_api.Logprobs] = {}
         outcomes: dict[int, Outcome] = {}
-        gen = None
+        gen, size, limit = None, 0, self.app.settings.max_message_bytes
         async with contextlib.aclosing(run):
             async for gen, items in run:
                 for out, outcome in items:
                     texts.setdefault(out.index, []).extend(d.text for d in out.deltas)
+                    size += sum(len(d.text) for d in out.deltas)
                     if logprobs:
-                        lps.setdefault(out.index, openai_api.Logprobs()).add(out.deltas)
+                        size += len(json.dumps(lps.setdefault(out.index, openai_api.Logprobs()).add(out.deltas)))
+                    if size > limit:
+                        spec = gen.spec
+                        field = "n" if spec.n > 1 else "num_beams" if spec.num_beams > 1 else "max_tokens"
+                        raise InvalidInputError(
+                            f"{field}: the reply is over this server's max_message_bytes ({limit}); stream it "
+                            '("stream": true), or ask for fewer candidates, tokens or log-probabilities'
+                        )
                     if outcome is not None:
                         outcomes[out.index] = outcome
                 if len(outcomes) == gen.n:

@@ -4,6 +4,7 @@ the types; each must be bounded, refused with the right status naming the field,
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 from collections.abc import Callable
@@ -128,3 +129,48 @@ def test_a_bad_field_is_400_naming_it(live: Live, field: str, value: str) -> Non
     assert status == 400, reply
     assert reply["error"]["param"] == field, reply
     assert settled(live)
+
+
+def _strict_json(text: bytes) -> Any:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_log_probabilities_of_masked_tokens_are_valid_json(live: Live, stream: bool) -> None:
+    """Alternatives a mask excludes have logprob -inf, which JSON cannot write (Starlette refuses it: a 500 after
+    the generation ran; json.dumps writes -Infinity, which JSON parsers refuse)."""
+    body = {"prompt": "the ", "max_tokens": 3, "allowed_token_ids": [3, 4], "logprobs": 5, "stream": stream}
+    conn = http.client.HTTPConnection("127.0.0.1", port(live), timeout=CALL_TIMEOUT)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    reply = conn.getresponse()
+    data = reply.read()
+    conn.close()
+    assert reply.status == 200, data
+    if stream:
+        events = [line.removeprefix(b"data: ") for line in data.split(b"\n\n") if line.strip()]
+        assert events[-1] == b"[DONE]"
+        chunks = [_strict_json(e) for e in events[:-1]]
+        assert all("error" not in c for c in chunks), chunks
+    else:
+        assert len(_strict_json(data)["choices"][0]["logprobs"]["top_logprobs"]) == 3
+
+
+def test_a_unary_reply_over_max_message_bytes_is_refused_naming_the_field(serve: Callable[..., Live]) -> None:
+    """As over gRPC: the reply's JSON is bounded (16 candidates x 4096 tokens x 20 log-probabilities is 25 MB,
+    encoded on the event loop in seconds); the generation ends as soon as the reply is known to be too large."""
+    live = serve(http_port=0, max_message_bytes=1 << 16)
+    for fields, param in (({"n": 2, "logprobs": 5}, "n"), ({"logprobs": 20}, "max_tokens")):
+        body = {"prompt": "the ", "max_tokens": 2000, **fields}
+        status, reply = call(live, "POST", "/v1/completions", body)
+        assert status == 400 and reply["error"]["param"] == param, reply
+        assert "max_message_bytes" in reply["error"]["message"]
+        wait_until(lambda: settled(live), "the generation ended")
+    body = {"prompt": "the ", "max_tokens": 2000, "n": 2, "logprobs": 5, "stream": True}
+    conn = http.client.HTTPConnection("127.0.0.1", port(live), timeout=CALL_TIMEOUT)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    data = conn.getresponse().read()
+    assert data.endswith(b"data: [DONE]\n\n") and len(data) > 1 << 16  # streamed, it is not bounded so
+    conn.close()
