@@ -9,6 +9,7 @@ TEXTGEN_CI_CACHE= (empty) runs from nothing in temporary directories. Phase timi
 from __future__ import annotations
 
 import contextlib
+import http.client
 import importlib.util
 import json
 import os
@@ -31,8 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 BASE_IMAGE = "python:3.11-slim"  # the exact name the Dockerfiles start FROM
 # Fixed by deploy/docker-compose.ci.yml, nginx/nginx.ci.conf and prometheus/prometheus.ci.yml (tests/test_deploy.py
-# checks that they agree): nginx is the public gRPC port; each replica has its own gRPC and metrics ports.
+# checks that they agree): nginx is the public gRPC and HTTP port; each replica has its own gRPC, HTTP and metrics
+# ports.
 PROXY = "127.0.0.1:50051"
+HTTP_PROXY = ("127.0.0.1", 8000)
 PROMETHEUS = "127.0.0.1:9090"
 
 
@@ -41,15 +44,18 @@ class Replica:
     name: str  # the compose service, and the `replica` label Prometheus gives its metrics
     grpc_port: int
     metrics_port: int
+    http_port: int
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
 
-REPLICAS = tuple(Replica(f"textgen-{i}", 50060 + i, 9400 + i) for i in (1, 2, 3))
-PORTS = {"nginx": 50051, "Prometheus": 9090} | {
-    f"{r.name} {what}": port for r in REPLICAS for what, port in (("gRPC", r.grpc_port), ("metrics", r.metrics_port))
+REPLICAS = tuple(Replica(f"textgen-{i}", 50060 + i, 9400 + i, 8000 + i) for i in (1, 2, 3))
+PORTS = {"nginx": 50051, "nginx HTTP": HTTP_PROXY[1], "Prometheus": 9090} | {
+    f"{r.name} {what}": port
+    for r in REPLICAS
+    for what, port in (("gRPC", r.grpc_port), ("metrics", r.metrics_port), ("HTTP", r.http_port))
 }
 # Loopback only, never through a proxy the environment may name.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -270,3 +276,52 @@ def replica_metric(replica: Replica, *samples: str, **labels: str) -> float:
         for s in family.samples
         if s.name in samples and labels.items() <= s.labels.items()
     )
+
+
+def http_call(
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    headers: tuple[tuple[str, str], ...] = (),
+    address: tuple[str, int] = HTTP_PROXY,
+    connection: http.client.HTTPConnection | None = None,
+) -> tuple[int, Any]:
+    """One HTTP API request (through nginx unless ``address`` names a replica; on ``connection`` if given, which
+    then stays open for the next): the status and the JSON reply."""
+    conn = connection or http.client.HTTPConnection(*address, timeout=120)
+    try:
+        conn.putrequest(method, path)
+        payload = json.dumps(body).encode() if body is not None else b""
+        for name, value in (("content-type", "application/json"), *headers):
+            conn.putheader(name, value)  # putheader, not a dict: a test sends a header twice
+        conn.putheader("content-length", str(len(payload)))
+        conn.endheaders(payload)
+        reply = conn.getresponse()
+        data = reply.read()
+        if not reply.getheader("content-type", "").startswith("application/json"):
+            return reply.status, data.decode(errors="replace")  # not the API's answer (an nginx error page)
+        return reply.status, json.loads(data)
+    finally:
+        if connection is None:
+            conn.close()
+
+
+def sse_events(reply: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
+    """The JSON events of a server-sent event stream, until ``data: [DONE]`` (an end without it fails)."""
+    while line := reply.readline():
+        line = line.rstrip(b"\r\n")
+        if not line.startswith(b"data: "):
+            continue  # the blank line ending each event
+        if line == b"data: [DONE]":
+            return
+        yield json.loads(line.removeprefix(b"data: "))
+    raise AssertionError("the stream ended without data: [DONE]")
+
+
+def start_stream(body: dict[str, Any]) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """A streaming completion through nginx, started: its connection (close it to go away) and its response."""
+    conn = http.client.HTTPConnection(*HTTP_PROXY, timeout=120)
+    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}), {"content-type": "application/json"})
+    reply = conn.getresponse()
+    assert reply.status == 200 and reply.getheader("content-type", "").startswith("text/event-stream"), reply.status
+    return conn, reply

@@ -1,9 +1,11 @@
 """The deployment for real: a private dockerd, the images built from the repository's Dockerfiles, the compose stack
 (deploy/docker-compose.yml + the CI override: nginx in front of three replicas, Prometheus) up and healthy; a grpcurl
 health check and streamed generation through nginx; Prometheus (in its own container) scraping every replica; nginx
-spreading calls over all three (counted by each replica's own metrics); a snapshot taken on one replica continued
-on the others; and last, a replica killed with SIGKILL in the middle of a seeded stream whose failover client
-receives exactly the uninterrupted text.
+spreading calls over all three (counted by each replica's own metrics); the OpenAI-compatible HTTP API through
+nginx's HTTP port (health, unary and server-sent-event completions with gRPC's text for the same seed, the caller
+named by nginx whatever a client sends, calls spread over all three, a stream's slot freed when its client goes
+away); a snapshot taken on one replica continued on the others; and last, a replica killed with SIGKILL in the
+middle of a seeded stream whose failover client receives exactly the uninterrupted text.
 
 Opt-in: TEXTGEN_LIVE_STACK=1 (.ci/run sets it), as root, with dockerd and debootstrap installed
 (scripts/install-system-deps.sh). No image registry is reachable, so the base image python:3.11-slim is made
@@ -13,6 +15,7 @@ tests/live_stack.py."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -32,6 +35,7 @@ from textgen.client import Client
 from live_server import ENDLESS
 from live_stack import (
     DEPLOY,
+    HTTP_PROXY,
     PORTS,
     PROXY,
     REPLICAS,
@@ -40,11 +44,14 @@ from live_stack import (
     Stack,
     compose_stack,
     ensure_base_image,
+    http_call,
     prometheus_get,
     prometheus_query,
     replica_metric,
     run,
     running_dockerd,
+    sse_events,
+    start_stream,
     wait_for_value,
     wait_until,
 )
@@ -156,6 +163,74 @@ def test_nginx_spreads_calls_over_every_replica(stack: Stack) -> None:
     served = {r.name: int(_served(r) - before[r]) for r in REPLICAS}
     print(f"\n[live-stack] {calls} calls through nginx, per replica: {served}", flush=True)
     assert all(n > 0 for n in served.values()), served
+
+
+SEEDED = {"model": "tiny", "prompt": "the ", "max_tokens": 20, "temperature": 0.8, "seed": 11}
+
+
+def test_http_api_through_nginx_gives_grpcs_text(stack: Stack) -> None:
+    """The OpenAI-compatible API through nginx's HTTP port: health, a unary and a streamed completion (server-sent
+    events to data: [DONE]) with the text gRPC through nginx gives for the same seed."""
+    for path in ("/health", "/health/ready"):
+        assert http_call("GET", path)[0] == 200, path
+    assert http_call("GET", "/metrics")[0] == 404  # only the API and health are routed
+    status, models = http_call("GET", "/v1/models")
+    assert status == 200 and [m["id"] for m in models["data"]] == ["tiny"]
+    with Client(PROXY, timeout=CALL_TIMEOUT) as client:
+        expected = client.generate(SEEDED["prompt"], max_tokens=20, temperature=0.8, seed=11).text
+    status, reply = http_call("POST", "/v1/completions", SEEDED)
+    assert status == 200 and reply["choices"][0]["text"] == expected, reply
+    conn, stream = start_stream(SEEDED)
+    try:
+        events = list(sse_events(stream))
+    finally:
+        conn.close()
+    assert "".join(e["choices"][0]["text"] for e in events) == expected
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_nginx_names_the_http_caller_whatever_the_client_sends(stack: Stack) -> None:
+    """A replica refuses x-textgen-principal sent twice (it trusts the header); through nginx the client's copies
+    are replaced by nginx's own, so the same request is served."""
+    forged = (("x-textgen-principal", "mallory"), ("X-Textgen-Principal", "eve"))
+    body = {**SEEDED, "max_tokens": 2}
+    status, reply = http_call("POST", "/v1/completions", body, forged, address=("127.0.0.1", REPLICAS[0].http_port))
+    assert status == 400 and "x-textgen-principal" in reply["error"]["message"], reply
+    assert http_call("POST", "/v1/completions", body, forged)[0] == 200
+
+
+def _http_served(replica: Replica) -> float:
+    return replica_metric(replica, "textgen_http_requests_total", endpoint="/v1/completions", code="200")
+
+
+def test_nginx_spreads_http_calls_over_every_replica(stack: Stack) -> None:
+    calls = 30
+    before = {r: _http_served(r) for r in REPLICAS}
+    conn = http.client.HTTPConnection(*HTTP_PROXY, timeout=CALL_TIMEOUT)  # one keepalive connection to nginx
+    try:
+        for i in range(calls):
+            body = {"model": "tiny", "prompt": "the ", "max_tokens": 5, "seed": i}
+            status, reply = http_call("POST", "/v1/completions", body, connection=conn)
+            assert status == 200 and reply["usage"]["completion_tokens"] == 5, reply
+    finally:
+        conn.close()
+    wait_until(lambda: sum(_http_served(r) - before[r] for r in REPLICAS) == calls, f"the {calls} calls are counted")
+    served = {r.name: int(_http_served(r) - before[r]) for r in REPLICAS}
+    print(f"\n[live-stack] {calls} HTTP calls through nginx, per replica: {served}", flush=True)
+    assert all(n > 0 for n in served.values()), served
+
+
+def test_an_http_stream_whose_client_goes_away_frees_its_slot(stack: Stack) -> None:
+    """An endless stream through nginx: its first events arrive while it runs (nginx does not hold them back), and
+    closing the client's connection ends it on its replica (nginx closes the upstream connection)."""
+    conn, stream = start_stream({"model": "tiny", "prompt": "the ", "max_tokens": ENDLESS, "seed": 5})
+    try:
+        first = next(sse_events(stream))
+        assert first["choices"][0]["finish_reason"] is None
+        wait_until(lambda: sum(map(_running, REPLICAS)) == 1, "one replica runs the stream")
+    finally:
+        conn.close()
+    wait_until(lambda: sum(map(_running, REPLICAS)) == 0, "the stream's slot is freed once its client went away")
 
 
 def test_the_dashboard_has_a_line_per_replica(stack: Stack) -> None:
