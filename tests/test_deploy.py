@@ -313,6 +313,12 @@ def test_nginx_proxies_the_http_api_unbuffered() -> None:
     assert directives["proxy_next_upstream"].split() == ["error", "timeout"]  # never non_idempotent
     assert directives["proxy_read_timeout"] == "15m"
     assert _bytes(directives["client_max_body_size"]) == ServerSettings.model_fields["max_message_bytes"].default
+    # idle upstream connections let go before a replica's http_idle_seconds closes them under nginx
+    for config in ("nginx.conf", "nginx.ci.conf"):
+        text = (DEPLOY / "nginx" / config).read_text(encoding="utf-8")
+        (upstream,) = re.findall(r"upstream textgen_http \{(.*?)\}", text, flags=re.DOTALL)
+        (idle,) = re.findall(r"^\s*keepalive_timeout (\d+)s;", upstream, flags=re.MULTILINE)
+        assert int(idle) < ServerSettings.model_fields["http_idle_seconds"].default, config
     routed = re.findall(r"location (.+?) \{\s*proxy_pass http://textgen_http;\s*\}", proxy)
     assert routed == ["/v1/", "~ ^/(health|health/ready|ready)$"]
 
