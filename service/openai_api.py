@@ -159,7 +159,7 @@ def spec_of(request: CompletionRequest, principal: str = "") -> GenerateSpec:
 
 
 # The domain's field names where OpenAI's differ (an error names the field the caller sent).
-_PARAM = {"top_logprobs": "logprobs"}
+_PARAM = {"top_logprobs": "logprobs", "session": "session_id"}  # ("session 'x' does not exist ...")
 _FIELD = re.compile(r"^([a-z_]+)(?:\[[^\]]*\])?[: ]")
 
 
@@ -169,7 +169,7 @@ def param_of(exc: Exception) -> str | None:
     if isinstance(exc, FieldError):
         return exc.param
     match = _FIELD.match(str(exc))
-    if match is None or match.group(1) not in CompletionRequest.model_fields | {"top_logprobs": None}:
+    if match is None or match.group(1) not in CompletionRequest.model_fields | _PARAM:
         return None
     return _PARAM.get(match.group(1), match.group(1))
 

@@ -138,7 +138,7 @@ def test_logprobs_in_openais_legacy_shape(live: Live) -> None:
         ({"prompt": "a", "echo": True}, 400, "echo"),
         ({"prompt": "a", "snapshot": "%%"}, 400, "snapshot"),
         ({"prompt": "a", "model": "nope"}, 404, "model"),
-        ({"prompt": "a", "session_id": "nope"}, 404, None),
+        ({"prompt": "a", "session_id": "nope"}, 404, "session_id"),
         ([1, 2], 400, None),
     ],
 )

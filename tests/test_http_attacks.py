@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from test_http_api import call, port, settled
 
+from textgen.v1 import textgen_pb2 as pb
+
 from live_server import CALL_TIMEOUT, ENDLESS, MODEL, Live, wait_until
 
 
@@ -174,3 +176,61 @@ def test_a_unary_reply_over_max_message_bytes_is_refused_naming_the_field(serve:
     data = conn.getresponse().read()
     assert data.endswith(b"data: [DONE]\n\n") and len(data) > 1 << 16  # streamed, it is not bounded so
     conn.close()
+
+
+def _post(live: Live, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port(live), timeout=CALL_TIMEOUT)
+    conn.request("POST", "/v1/completions", body, {"content-type": "application/json", **headers})
+    reply = conn.getresponse()
+    status, data = reply.status, json.loads(reply.read())
+    conn.close()
+    return status, data
+
+
+def test_sessions_belong_to_their_principal_over_http(serve: Callable[..., Live]) -> None:
+    live = serve(http_port=0, trust_principal_metadata=True)
+    alice = {"x-textgen-principal": "alice"}
+    created = live.stub.CreateSession(
+        pb.CreateSessionRequest(model=MODEL, seed=5), metadata=tuple(alice.items()), timeout=CALL_TIMEOUT
+    )
+    body = json.dumps({"prompt": "the ", "max_tokens": 2, "session_id": created.session_id}).encode()
+    missing = json.dumps({"prompt": "the ", "max_tokens": 2, "session_id": "no-such-session"}).encode()
+    status, theirs = _post(live, body, {"x-textgen-principal": "bob"})
+    assert status == 404 and theirs["error"]["param"] == "session_id"
+    status, nobodys = _post(live, missing, {"x-textgen-principal": "bob"})
+    assert status == 404
+    assert theirs["error"]["message"].replace(created.session_id, "X") == nobodys["error"]["message"].replace(
+        "no-such-session", "X"
+    )
+    assert _post(live, body, alice)[0] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", port(live), timeout=CALL_TIMEOUT)
+    conn.putrequest("POST", "/v1/completions")
+    for name, value in (("content-type", "application/json"), ("content-length", str(len(body)))):
+        conn.putheader(name, value)
+    conn.putheader("x-textgen-principal", "alice")
+    conn.putheader("x-textgen-principal", "bob")
+    conn.endheaders(body)
+    reply = conn.getresponse()
+    assert reply.status == 400 and b"x-textgen-principal" in reply.read()
+    conn.close()
+    assert settled(live)
+
+    untrusting = serve(http_port=0)  # the header is no one's word: every loopback client is the same caller
+    created = untrusting.stub.CreateSession(pb.CreateSessionRequest(model=MODEL), timeout=CALL_TIMEOUT)
+    body = json.dumps({"prompt": "the ", "max_tokens": 2, "session_id": created.session_id}).encode()
+    assert _post(untrusting, body, {"x-textgen-principal": "bob"})[0] == 200
+
+
+def test_a_chunked_body_is_bounded_as_one_with_a_length(live: Live) -> None:
+    limit = live.server.app.settings.max_message_bytes
+    over = json.dumps({"prompt": "a" * limit}).encode()
+    for body, expected in ((over, 413), (json.dumps({"prompt": "a", "max_tokens": 2}).encode(), 200)):
+        conn = http.client.HTTPConnection("127.0.0.1", port(live), timeout=CALL_TIMEOUT)
+        chunks = (body[i : i + 8192] for i in range(0, len(body), 8192))
+        conn.request("POST", "/v1/completions", chunks, {"content-type": "application/json"}, encode_chunked=True)
+        reply = conn.getresponse()
+        data = json.loads(reply.read())
+        assert reply.status == expected, data
+        assert expected == 200 or "max_message_bytes" in data["error"]["message"]
+        conn.close()
+    assert settled(live)
