@@ -43,7 +43,9 @@ def error_response(exc: BaseException) -> JSONResponse:
     logged with its traceback by uvicorn, to which Starlette hands it on)."""
     if isinstance(exc, TextgenError):
         status = HTTP_STATUS.get(exc.status, 500)
-        return JSONResponse(error_body(status, str(exc), openai_api.param_of(exc), exc.reason), status)
+        # full or draining: clients (the openai client among them) wait this long before they retry
+        headers = {"retry-after": "1"} if status in (429, 503) else None
+        return JSONResponse(error_body(status, str(exc), openai_api.param_of(exc), exc.reason), status, headers)
     return JSONResponse(error_body(500, "internal error (logged on the server)", None, "internal"), 500)
 
 

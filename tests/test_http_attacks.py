@@ -234,3 +234,23 @@ def test_a_chunked_body_is_bounded_as_one_with_a_length(live: Live) -> None:
         assert expected == 200 or "max_message_bytes" in data["error"]["message"]
         conn.close()
     assert settled(live)
+
+
+def _status_and_retry_after(live: Live) -> tuple[int, str | None]:
+    conn = http.client.HTTPConnection("127.0.0.1", port(live), timeout=CALL_TIMEOUT)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "a"}), {"content-type": "application/json"})
+    reply = conn.getresponse()
+    reply.read()
+    conn.close()
+    return reply.status, reply.getheader("retry-after")
+
+
+def test_full_and_draining_servers_say_when_to_retry(serve: Callable[..., Live]) -> None:
+    live = serve(http_port=0, max_concurrent_rpcs=1, max_tokens_limit=ENDLESS)
+    held = live.stream("the ", max_tokens=ENDLESS)
+    wait_until(lambda: live.server.app.admission.in_progress == 1, "the server is full")
+    assert _status_and_retry_after(live) == (429, "1")
+    held.cancel()
+    wait_until(lambda: settled(live), "the stream ended")
+    live.on_loop(live.server.app.drain)
+    assert _status_and_retry_after(live) == (503, "1")
