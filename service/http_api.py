@@ -16,7 +16,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -29,7 +29,7 @@ from service.principals import MAX_PRINCIPAL_CHARS, address_principal
 from service.sse import EventStream, until_disconnect
 from service.write_guard import WriteGuard
 from textgen.client import PRINCIPAL_METADATA_KEY
-from textgen.errors import HTTP_STATUS, InvalidInputError, NotFoundError, TextgenError
+from textgen.errors import HTTP_STATUS, CancelledError, InvalidInputError, NotFoundError, TextgenError
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -71,6 +71,8 @@ async def read_json(request: Request, limit: int, seconds: float) -> Any:
                 body += chunk
                 if len(body) > limit:
                     raise PayloadTooLargeError(f"request: the body exceeds this server's max_message_bytes ({limit})")
+    except ClientDisconnect:  # (a 500 with a traceback, uncaught): answered 499 to no one, as a cancelled call
+        raise CancelledError("the client disconnected before its request's body came") from None
     except TimeoutError:
         raise BodyTimeoutError(f"request: the body did not all come within {seconds:g} s (http_idle_seconds)") from None
     try:
@@ -142,9 +144,11 @@ class HttpApi:
             raw = await read_json(request, settings.max_message_bytes, settings.http_idle_seconds)
             body = openai_api.parse_request(raw)
             spec = openai_api.spec_of(body, principal(request, settings.trust_principal_metadata))
-        except (PayloadTooLargeError, BodyTimeoutError) as exc:  # the body is not all read: the connection ends
+        except (PayloadTooLargeError, BodyTimeoutError) as exc:
+            # (no "connection: close": closing with the body unread resets the connection, and the client may lose
+            # the reply; the connection ends http_idle_seconds later, service/http_server.py)
             status, code = (413, "too_large") if isinstance(exc, PayloadTooLargeError) else (408, "timeout")
-            return JSONResponse(error_body(status, str(exc), None, code), status, {"connection": "close"})
+            return JSONResponse(error_body(status, str(exc), None, code), status)
         admitted = contextlib.ExitStack()
         try:
             admitted.enter_context(self.app.admission.hold(self.app.admission.weight(spec.n, spec.num_beams)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -254,3 +255,19 @@ def test_full_and_draining_servers_say_when_to_retry(serve: Callable[..., Live])
     wait_until(lambda: settled(live), "the stream ended")
     live.on_loop(live.server.app.drain)
     assert _status_and_retry_after(live) == (503, "1")
+
+
+def test_a_client_gone_before_its_body_came_is_no_server_error(live: Live, caplog: pytest.LogCaptureFixture) -> None:
+    sock = _raw(live)
+    sock.sendall(_request({"prompt": "a"})[:-3])
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+    observed = live.server.app.metrics.registry.get_sample_value
+    labels = {"endpoint": "/v1/completions"}
+
+    def counted(status: str) -> float:
+        return observed("textgen_http_requests_total", {**labels, "code": status}) or 0.0
+
+    wait_until(lambda: counted("499") + counted("500") + counted("400") == 1, "the request was counted")
+    assert counted("499") == 1, (counted("400"), counted("500"))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
