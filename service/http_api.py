@@ -26,7 +26,7 @@ from service.app import App
 from service.generation import Outcome
 from service.models import ServedModel
 from service.principals import MAX_PRINCIPAL_CHARS, address_principal
-from service.sse import EventStream, until_disconnect
+from service.sse import EventStream, guarded, until_disconnect
 from service.write_guard import WriteGuard
 from textgen.client import PRINCIPAL_METADATA_KEY
 from textgen.errors import HTTP_STATUS, CancelledError, InvalidInputError, NotFoundError, TextgenError
@@ -103,7 +103,7 @@ class HttpApi:
     def __init__(self, app: App) -> None:
         self.app = app
         self.ready = False  # set once serving; cleared when draining starts
-        self.guard = WriteGuard(app.settings.max_pause_seconds)  # streams' writes (service/sse.py); closed on stop
+        self.guard = WriteGuard(app.settings.max_pause_seconds)  # every write's (service/sse.py); closed on stop
         routes = [
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
@@ -114,7 +114,7 @@ class HttpApi:
         ]
         # (domain errors are answers, not failures; an ``Exception`` handler's exception is re-raised and logged)
         handlers = {HTTPException: self._http_error, TextgenError: self._http_error, Exception: self._http_error}
-        self.asgi = Starlette(routes=routes, exception_handlers=handlers)  # type: ignore[arg-type]
+        self.asgi = guarded(Starlette(routes=routes, exception_handlers=handlers), self.guard)  # type: ignore[arg-type]
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:
         if isinstance(exc, HTTPException):  # no such route, method not allowed
@@ -156,7 +156,7 @@ class HttpApi:
             if body.stream:
                 include_usage = bool((body.stream_options or {}).get("include_usage"))
                 chunks = self._chunks(run, await until_disconnect(request.receive, anext(run)), include_usage)
-                return EventStream(chunks, admitted.close, self.guard)
+                return EventStream(chunks, admitted.close)
             with admitted:
                 return await until_disconnect(request.receive, self._complete(run, spec.logprobs))
         except BaseException:

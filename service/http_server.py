@@ -28,35 +28,43 @@ class _Server(uvicorn.Server):
 
 
 class _Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a time limit on each request's head: uvicorn times only keep-alive
-    connections idle after a response (a byte received stops that timer), so a client that sends nothing, or its
-    headers a byte at a time (slowloris), would hold its connection, a file descriptor gRPC needs too, for ever.
-    The limit is timeout_keep_alive (http_idle_seconds) from the connection's opening or its last response."""
+    """uvicorn's HTTP/1.1 protocol with a watch on slow clients, every timeout_keep_alive (http_idle_seconds) from
+    the connection's opening or its last response: the connection is aborted unless a request is being answered
+    or the client took some of what waits to be sent since the last look. uvicorn times only connections idle
+    after a response (a byte received stops that timer), so a client that sent nothing, or its headers a byte at a
+    time (slowloris), held its connection (a file descriptor gRPC needs too) for ever; and one that reads nothing
+    held its reply (up to max_message_bytes, queued whole in the transport) for ever, a close waiting to flush it."""
 
-    _head_timer: asyncio.TimerHandle | None = None
+    _timer: asyncio.TimerHandle | None = None
+    _pending = 0  # bytes waiting to be sent at the last look
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._time_head()
+        self._watch()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._time_head()
+        self._watch()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         super().connection_lost(exc)
 
-    def _time_head(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        self._head_timer = self.loop.call_later(self.timeout_keep_alive, self._head_late)
+    def _watch(self, pending: int = 1 << 62) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._pending = pending
+        self._timer = self.loop.call_later(self.timeout_keep_alive, self._look)
 
-    def _head_late(self) -> None:
-        self._head_timer = None
-        if self.cycle is None or self.cycle.response_complete:  # (else a request came and is being answered)
-            self.transport.close()
+    def _look(self) -> None:
+        self._timer = None
+        pending = self.transport.get_write_buffer_size()
+        answering = self.cycle is not None and not self.cycle.response_complete and not self.transport.is_closing()
+        if answering or 0 < pending < self._pending:  # (a stalled stream's writes are WriteGuard's, service/sse.py)
+            self._watch(pending)
+        else:
+            self.transport.abort()
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -98,6 +106,11 @@ class HttpServer:
         self.port: int = self._socket.getsockname()[1]
         self.tls = settings.tls_cert_file is not None
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def connections(self) -> int:
+        """HTTP connections open now."""
+        return len(self._server.server_state.connections)
 
     def start(self) -> None:
         """Serve on the running loop (the socket already listens: connections wait in its backlog meanwhile)."""

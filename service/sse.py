@@ -1,16 +1,17 @@
 """Waiting on an HTTP client that may go away: ``until_disconnect`` runs a coroutine and cancels it if the client
 disconnects first; ``EventStream`` is a server-sent-events response whose producer is cancelled (and closed, so a
-generation behind it ends and frees its batch slot) as soon as the client disconnects, not at its next write, or
-when a write waits longer than the pause limit for a client that reads nothing (``WriteGuard``, as for gRPC)."""
+generation behind it ends and frees its batch slot) as soon as the client disconnects, not at its next write;
+``guarded`` bounds how long any write waits for a client that reads nothing (``WriteGuard``, as for gRPC)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.write_guard import WriteGuard
 from textgen.errors import CancelledError, SlowReaderError
@@ -43,28 +44,50 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
 class EventStream:
     """An ASGI response of ``text/event-stream`` events from ``chunks``; ``on_close`` runs however it ends."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], Any], guard: WriteGuard) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], Any]) -> None:
         self.chunks = chunks
         self.on_close = on_close
-        self.guard = guard
 
     async def _pump(self, send: Send) -> None:
-        # uvicorn's send waits while the socket's buffers are full: without the guard, a client that reads nothing
-        # would keep its call (and its place under max_concurrent_rpcs) for ever, after the engine ended its stream
-        writer = types.SimpleNamespace(write=send)
         headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
-        await self.guard.write(writer, {"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         async for chunk in self.chunks:
-            await self.guard.write(writer, {"type": "http.response.body", "body": chunk, "more_body": True})
-        await self.guard.write(writer, {"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await until_disconnect(receive, self._pump(send))
         except (CancelledError, OSError):
             pass  # the client went away (seen waiting, or writing: uvicorn's ClientDisconnected): nothing to answer
-        except SlowReaderError:
-            pass  # (the response is unfinished: uvicorn closes the connection, logging that it is)
         finally:
             await self.chunks.aclose()  # (a producer never started holds its generation until closed)
             self.on_close()
+
+
+class _GaveUp(Exception):
+    """A write waited past the pause limit: the response is abandoned (not a domain error: Starlette would try to
+    answer one, and its response has started)."""
+
+
+def guarded(asgi: ASGIApp, guard: WriteGuard) -> ASGIApp:
+    """``asgi`` whose every write waits at most the pause limit for the client to make room (``WriteGuard``, as
+    for gRPC): uvicorn's send waits while the socket's buffers are full, so a client that reads nothing would keep
+    its response (a stream's place under max_concurrent_rpcs, or a unary reply's buffer) for ever. An abandoned
+    response is unfinished: uvicorn closes its connection."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await asgi(scope, receive, send)
+        writer = types.SimpleNamespace(write=send)
+
+        async def sending(message: Any) -> None:
+            try:
+                await guard.write(writer, message)
+            except SlowReaderError:
+                raise _GaveUp from None
+
+        with contextlib.suppress(_GaveUp):
+            await asgi(scope, receive, sending)
+
+    return wrapped

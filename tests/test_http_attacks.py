@@ -55,13 +55,19 @@ def test_a_stream_whose_client_reads_nothing_ends_and_gives_back_its_place(serve
     """As over gRPC (test_attacks): the engine ends the unread stream after the pause limit; the call, stuck
     writing to a client that reads nothing, must end too, or such clients fill max_concurrent_rpcs for ever."""
     live = serve(
-        http_port=0, max_concurrent_rpcs=2, max_pause_seconds=0.5, max_tokens_limit=ENDLESS, stream_buffer_tokens=8
+        http_port=0,
+        max_concurrent_rpcs=2,
+        max_pause_seconds=0.5,
+        max_tokens_limit=ENDLESS,
+        stream_buffer_tokens=8,
+        http_idle_seconds=0.5,
     )
+    server = live.server.server.http  # type: ignore[union-attr]
     sock = _raw(live, rcvbuf=4096)
     sock.sendall(_request({"model": MODEL, "prompt": "the ", "max_tokens": ENDLESS, "stream": True}))
     admission = live.server.app.admission
     wait_until(lambda: admission.in_progress == 1, "the stream is admitted")
-    wait_until(lambda: settled(live), "the unread stream ended and its place is free", 120)
+    wait_until(lambda: settled(live) and server.connections == 0, "the unread stream ended, its place free", 120)
     assert call(live, "POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})[0] == 200
     sock.close()
 
@@ -271,3 +277,17 @@ def test_a_client_gone_before_its_body_came_is_no_server_error(live: Live, caplo
     wait_until(lambda: counted("499") + counted("500") + counted("400") == 1, "the request was counted")
     assert counted("499") == 1, (counted("400"), counted("500"))
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_unary_reply_whose_client_reads_nothing_is_given_up(serve: Callable[..., Live]) -> None:
+    """A reply bigger than the socket's buffers waits on the client: one that reads nothing must not hold its
+    connection and the reply's buffer for ever (Starlette sends the reply in one write, queued whole: the write
+    returns, and a close waits to flush it)."""
+    limit = 16 << 20
+    live = serve(http_port=0, max_message_bytes=limit, http_idle_seconds=0.5)
+    server = live.server.server.http  # type: ignore[union-attr]
+    sock = _raw(live, rcvbuf=4096)
+    sock.sendall(_request({"prompt": "the ", "max_tokens": 4000, "n": 4, "logprobs": 20}))  # about 11 MB
+    wait_until(lambda: server.connections == 1, "the request came")
+    wait_until(lambda: settled(live) and server.connections == 0, "the unread reply was given up")
+    sock.close()
