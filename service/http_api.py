@@ -57,24 +57,43 @@ class BodyTimeoutError(InvalidInputError):
     """A request body that did not all come within http_idle_seconds (HTTP 408)."""
 
 
+_DRAINED_LIMITS = 4  # a refused body is read and dropped up to this many times max_message_bytes
+
+
 async def read_json(request: Request, limit: int, seconds: float) -> Any:
     """The body as JSON, refused (413) as soon as it is known to exceed ``limit`` bytes: by its Content-Length, or
     while it is read, never buffering more than the limit; and refused (408) unless it all comes within
     ``seconds`` (a client sending it a byte at a time must not hold its connection and task for ever)."""
     length = request.headers.get("content-length", "")
+    too_large: PayloadTooLargeError | None = None
     if length.isdigit() and int(length) > limit:
-        raise PayloadTooLargeError(f"request: {length} bytes exceed this server's max_message_bytes ({limit})")
+        too_large = PayloadTooLargeError(f"request: {length} bytes exceed this server's max_message_bytes ({limit})")
     body = bytearray()
+    dropped = 0  # bytes of a refused body read and dropped
     try:
         async with asyncio.timeout(seconds):
             async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    raise PayloadTooLargeError(f"request: the body exceeds this server's max_message_bytes ({limit})")
+                if too_large is None:
+                    body += chunk
+                    if len(body) > limit:
+                        too_large = PayloadTooLargeError(
+                            f"request: the body exceeds this server's max_message_bytes ({limit})"
+                        )
+                        dropped, body = len(body), bytearray()
+                else:
+                    dropped += len(chunk)
+                # A refused body is still read (and dropped), up to a few times the limit: a connection closed with
+                # data unread is reset, and a client still sending its body would get that reset, not its 413.
+                if dropped > _DRAINED_LIMITS * limit:
+                    break
     except ClientDisconnect:  # (a 500 with a traceback, uncaught): answered 499 to no one, as a cancelled call
         raise CancelledError("the client disconnected before its request's body came") from None
     except TimeoutError:
+        if too_large is not None:
+            raise too_large from None
         raise BodyTimeoutError(f"request: the body did not all come within {seconds:g} s (http_idle_seconds)") from None
+    if too_large is not None:
+        raise too_large
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
