@@ -235,6 +235,15 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from bench.serve import run_serve_bench
 
+    shared: dict[str, Any] = {  # the same work, whichever of the two benches measures it
+        "max_tokens": args.max_tokens,
+        "precisions": args.precisions,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "sampling": args.sampling,
+        "device": args.device,
+        "stream_interval": args.max_stream_interval,
+    }
     if args.http:
         from bench.transports import run_http_bench
 
@@ -242,34 +251,11 @@ def _serve(args: argparse.Namespace) -> int:
             from textgen.errors import ConfigError
 
             raise ConfigError("--configs: not with --http (it measures the one server over both transports)")
-        report = run_http_bench(
-            args.checkpoint,
-            args.out,
-            args.concurrency or [1, 64],
-            args.max_tokens,
-            args.precisions,
-            args.threads,
-            args.repeats,
-            sampling=args.sampling,
-            device=args.device,
-            stream_interval=args.max_stream_interval,
-        )
+        report = run_http_bench(args.checkpoint, args.out, args.concurrency or [1, 64], **shared)
         rows = [row for rows in report["precisions"].values() for row in rows]
         return 0 if all(row["texts_match"] for row in rows) else 1  # the transports did not do the same work
     default = [1, 8, 32, 64, 128] + ([256] if args.device == "cuda" else [])
-    run_serve_bench(
-        args.checkpoint,
-        args.out,
-        args.concurrency or default,
-        args.max_tokens,
-        args.precisions,
-        args.threads,
-        args.repeats,
-        sampling=args.sampling,
-        device=args.device,
-        stream_interval=args.max_stream_interval,
-        configs=args.configs,
-    )
+    run_serve_bench(args.checkpoint, args.out, args.concurrency or default, **shared, configs=args.configs)
     return 0
 
 

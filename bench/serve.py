@@ -99,6 +99,54 @@ def export_bundles(checkpoint: Path, root: Path, precisions: list[str]) -> dict[
     return bundles
 
 
+def prepare(
+    checkpoint: Path,
+    out_dir: Path,
+    precisions: list[str],
+    repeats: int,
+    max_tokens: int,
+    sampling: str,
+    device: str,
+    configs: list[str],
+) -> dict[str, Path]:
+    """What every serving bench checks before any work (each refusal names its flag), then its bundles, one per
+    precision, under ``out_dir``."""
+    stream_settings(sampling, 1)  # an unknown setting fails here, before any export
+    unknown = [p for p in precisions if p not in ("fp32", "int8", "fp16")]
+    if unknown:
+        raise ConfigError(f"--precisions: unknown {', '.join(unknown)} (choose from fp32, int8, fp16)")
+    if repeats < 1 or max_tokens < 1:
+        raise ConfigError(f"--repeats and --max-tokens must be at least 1 (got {repeats}, {max_tokens})")
+    check_device(device, precisions, configs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return export_bundles(checkpoint, out_dir / "bundles", precisions)
+
+
+def report_head(checkpoint: Path, options: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """The facts every serving bench's JSON report starts with: what was measured, how, and on what machine."""
+    return {
+        "checkpoint": str(checkpoint),
+        **{k: v for k, v in options.items() if k != "stream_interval"},
+        "repeats": repeats,
+        "max_stream_interval": options["stream_interval"],  # None: the server's default
+        "sampling_settings": SETTINGS,
+        "machine": machine(options["device"]),
+        "command": " ".join(["textgen", *sys.argv[1:]]) if sys.argv[0].endswith("textgen") else "",
+    }
+
+
+def rows_by_concurrency(
+    precision: str, concurrency: list[int], measure_at: Callable[[int], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``measure_at(c)`` for every C in order, each row's ratios printed as it is measured."""
+    rows = []
+    for c in concurrency:
+        rows.append(measure_at(c))
+        print(f"{precision} C={c}: " + json.dumps({k: round(v, 3) for k, v in rows[-1]["ratios"].items()}),
+              flush=True)  # fmt: skip
+    return rows
+
+
 def machine(device: str = "cpu") -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -235,28 +283,11 @@ def run_serve_bench(
 ) -> dict[str, Any]:
     """Every measurement for every precision; writes ``serve.json`` and the plots into ``out_dir``, prints a table
     per precision."""
-    stream_settings(sampling, 1)  # an unknown setting fails here, before any export
-    unknown = [p for p in precisions if p not in ("fp32", "int8", "fp16")]
-    if unknown:
-        raise ConfigError(f"--precisions: unknown {', '.join(unknown)} (choose from fp32, int8, fp16)")
-    if repeats < 1 or max_tokens < 1:
-        raise ConfigError(f"--repeats and --max-tokens must be at least 1 (got {repeats}, {max_tokens})")
     chosen = configurations(device, configs)
-    check_device(device, precisions, chosen)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bundles = export_bundles(checkpoint, out_dir / "bundles", precisions)
+    bundles = prepare(checkpoint, out_dir, precisions, repeats, max_tokens, sampling, device, chosen)
     options = {"concurrency": concurrency, "max_tokens": max_tokens, "threads": threads, "sampling": sampling,
                "device": device, "stream_interval": stream_interval, "configs": chosen}  # fmt: skip
-    report: dict[str, Any] = {
-        "checkpoint": str(checkpoint),
-        **{k: v for k, v in options.items() if k != "stream_interval"},
-        "repeats": repeats,
-        "max_stream_interval": stream_interval,  # None: the server's default
-        "sampling_settings": SETTINGS,
-        "machine": machine(device),
-        "command": " ".join(["textgen", *sys.argv[1:]]) if sys.argv[0].endswith("textgen") else "",
-        "precisions": {},
-    }
+    report: dict[str, Any] = {**report_head(checkpoint, options, repeats), "precisions": {}}
     if sampling == MIX:
         first = next(iter(SETTINGS))
         print(f"sampling mix: stream i uses setting i % {len(SETTINGS)} of {', '.join(SETTINGS)}; "
@@ -264,11 +295,9 @@ def run_serve_bench(
     for precision, bundle in bundles.items():
         subjects = Subjects(checkpoint, bundle, precision, options)
         try:
-            rows = []
-            for c in concurrency:
-                rows.append(measure(subjects, chosen, c, repeats, sampling))
-                print(f"{precision} C={c}: " + json.dumps({k: round(v, 3) for k, v in rows[-1]["ratios"].items()}),
-                      flush=True)  # fmt: skip
+            rows = rows_by_concurrency(
+                precision, concurrency, lambda c, s=subjects: measure(s, chosen, c, repeats, sampling)
+            )
         finally:
             subjects.close()
         report["precisions"][precision] = rows

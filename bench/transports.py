@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -20,7 +19,6 @@ from typing import Any
 
 from bench.load import (
     MIX,
-    SETTINGS,
     LoadResult,
     ServerProcess,
     _cpu,
@@ -30,9 +28,8 @@ from bench.load import (
     requests,
     stream_settings,
 )
-from bench.serve import CPU, CUDA, WARM_UP_TOKENS, _median, check_device, export_bundles, machine
+from bench.serve import CPU, CUDA, WARM_UP_TOKENS, _median, prepare, report_head, rows_by_concurrency
 from bench.sse import EventParser
-from textgen.errors import ConfigError
 
 TRANSPORTS = ("grpc", "http")
 DONE = "[DONE]"
@@ -201,30 +198,17 @@ def run_http_bench(
     table per precision."""
     import aiohttp
 
-    stream_settings(sampling, 1)  # an unknown setting fails here, before any export
-    if repeats < 1 or max_tokens < 1:
-        raise ConfigError(f"--repeats and --max-tokens must be at least 1 (got {repeats}, {max_tokens})")
-    check_device(device, precisions, [])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bundles = export_bundles(checkpoint, out_dir / "bundles", precisions)
+    bundles = prepare(checkpoint, out_dir, precisions, repeats, max_tokens, sampling, device, [])
+    options = {"transports": list(TRANSPORTS), "concurrency": concurrency, "max_tokens": max_tokens,
+               "threads": threads, "sampling": sampling, "device": device,
+               "stream_interval": stream_interval}  # fmt: skip
     report: dict[str, Any] = {
-        "checkpoint": str(checkpoint),
-        "transports": list(TRANSPORTS),
-        "concurrency": concurrency,
-        "max_tokens": max_tokens,
-        "threads": threads,
-        "sampling": sampling,
-        "device": device,
-        "repeats": repeats,
-        "max_stream_interval": stream_interval,
-        "sampling_settings": SETTINGS,
-        "machine": machine(device),
+        **report_head(checkpoint, options, repeats),
         "clients": {
             "grpc": "grpc.aio, one HTTP/2 channel",
             "http": f"aiohttp {aiohttp.__version__}, HTTP/1.1 keep-alive, a connection a stream",
         },
         "http_server": _http_server(),
-        "command": " ".join(["textgen", *sys.argv[1:]]) if sys.argv[0].endswith("textgen") else "",
         "precisions": {},
     }
     providers = CUDA if device == "cuda" else CPU
@@ -234,11 +218,9 @@ def run_http_bench(
             for c in concurrency:  # warm-up: first-run allocations, each C's batch shapes, both transports' paths
                 for transport in TRANSPORTS:
                     _drive(server, transport, requests(sampling, c, WARM_UP_TOKENS))
-            rows = []
-            for c in concurrency:
-                rows.append(measure(server, c, repeats, sampling, max_tokens))
-                print(f"{precision} C={c}: " + json.dumps({k: round(v, 3) for k, v in rows[-1]["ratios"].items()}),
-                      flush=True)  # fmt: skip
+            rows = rows_by_concurrency(
+                precision, concurrency, lambda c, s=server: measure(s, c, repeats, sampling, max_tokens)
+            )
         finally:
             server.stop()
         report["precisions"][precision] = rows

@@ -115,6 +115,19 @@ class Live:
     def gate(self) -> Gate:
         return Gate(self.engine)
 
+    def batched(self, requests: list[dict[str, Any]], queued: int | None = None) -> list[list[Any]]:
+        """Every request's stream messages, the requests run together: the first is held in the model's graph call
+        while the others queue behind it (``queued`` sequences in all; default one per other request), then all
+        are released at once, so they share their steps (the exactness of a row alone and batched)."""
+        gate = self.gate()
+        calls = [self.stream(**requests[0])]
+        gate.wait_entered()
+        calls += [self.stream(**r) for r in requests[1:]]
+        expected = len(requests) - 1 if queued is None else queued
+        wait_until(lambda: self.engine.queued == expected, f"all {expected} other sequences queued")
+        gate.release()
+        return [list(call) for call in calls]
+
     def generate(self, prompt: str = "", timeout: float = CALL_TIMEOUT, **fields: Any) -> pb.GenerateResponse:
         return self.stub.Generate(pb.GenerateRequest(prompt=prompt, **fields), timeout=timeout)
 

@@ -110,14 +110,8 @@ def test_candidates_are_exact_batched_with_other_traffic(serve: Callable[..., Li
     alone = [live.generate(PROMPT, seed=candidate_seed(5, i), **fields) for i in range(4)]
     others_alone = [live.generate(**r).text for r in others]
     recorder = live.observe()
-    gate = live.gate()
-    calls = [live.stream(**others[0])]  # held in the graph call: everything after it queues up
-    gate.wait_entered()
-    calls.append(live.stream(PROMPT, n=4, seed=5, **fields))
-    calls += [live.stream(**r) for r in others[1:]]
-    wait_until(lambda: live.engine.queued == 4 + 4, "the four candidates and four other requests queued")
-    gate.release()
-    messages = [list(c) for c in calls]
+    requests = [others[0], dict(prompt=PROMPT, n=4, seed=5, **fields), *others[1:]]
+    messages = live.batched(requests, queued=4 + 4)  # the four candidates and four other requests
     for candidate, single in zip(gather(messages[1]), alone, strict=True):
         same(candidate, single)
     assert ["".join(m.text for m in got) for got in messages[:1] + messages[2:]] == others_alone

@@ -65,14 +65,7 @@ def test_seeded_constrained_requests_are_the_same_alone_and_batched(serve: Calla
         for i in range(30)
     ]
     alone = [live.generate(**r) for r in requests]
-    gate = live.gate()
-    calls = [live.stream(**requests[0])]
-    gate.wait_entered()
-    calls += [live.stream(**r) for r in requests[1:]]
-    wait_until(lambda: live.engine.queued == 29, "all 29 other requests queued")
-    gate.release()
-    for call, single in zip(calls, alone, strict=True):
-        messages = list(call)
+    for messages, single in zip(live.batched(requests), alone, strict=True):
         assert "".join(m.text for m in messages) == single.text
         assert [t for m in messages for t in m.token_ids] == list(single.token_ids)
         assert messages[-1].complete.finish_reason == single.complete.finish_reason

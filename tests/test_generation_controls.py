@@ -21,7 +21,7 @@ from test_resume_attacks import word_bundle  # noqa: F401 (a fixture)
 from textgen.tokenizer import TextTokenizer
 from textgen.v1 import textgen_pb2 as pb
 
-from live_server import Live, rpc_error, start_server, stream_text, wait_until
+from live_server import Live, rpc_error, start_server, stream_text
 
 PROMPT = "the quick "
 RESUMED = "def add(a, b):\n"  # the prompt of the resumed streams
@@ -204,14 +204,7 @@ def test_seeded_requests_with_controls_are_the_same_alone_and_batched(serve: Cal
     requests = [_request(live, i, CONTROLS[i % len(CONTROLS)] if i % 3 else {}) for i in range(64)]
     alone = [live.generate(**r) for r in requests]
     recorder = live.observe()
-    gate = live.gate()
-    calls = [live.stream(**requests[0])]  # held in the graph call: everything after it queues up
-    gate.wait_entered()
-    calls += [live.stream(**r) for r in requests[1:]]
-    wait_until(lambda: live.engine.queued == 63, "all 63 other requests queued")
-    gate.release()
-    for call, single in zip(calls, alone, strict=True):
-        messages = list(call)
+    for messages, single in zip(live.batched(requests), alone, strict=True):
         assert "".join(m.text for m in messages) == single.text
         assert [lp for m in messages for lp in m.logprobs] == list(single.logprobs)
         assert messages[-1].complete.stop_token_id == single.complete.stop_token_id

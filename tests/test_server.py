@@ -162,15 +162,7 @@ def test_seeded_request_is_the_same_alone_and_batched(serve: Callable[..., Live]
     each_alone = [live.generate(**r).text for r in ordered]
     assert each_alone[32] == alone
     recorder = live.observe()
-    gate = live.gate()
-    calls = [live.stream(**others[0])]  # held in the graph call: everything after it queues up
-    gate.wait_entered()
-    calls += (
-        [live.stream(**r) for r in others[1:32]] + [live.stream(**target)] + [live.stream(**r) for r in others[32:]]
-    )
-    wait_until(lambda: live.engine.queued == 63, "all 63 other requests queued")
-    gate.release()
-    texts = [stream_text(c)[0] for c in calls]
+    texts = [stream_text(messages)[0] for messages in live.batched(ordered)]
     assert texts[32] == alone
     assert texts == each_alone  # every row, whatever its parameters, is independent of its neighbours
     assert max(recorder.decode_batches) >= 48  # the target really shared its steps with most of the others
